@@ -1,0 +1,1 @@
+"""Token shards, the streaming loader and the GPT-2 tokenizer."""

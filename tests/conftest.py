@@ -1,0 +1,67 @@
+"""Shared fixtures: small shard folders and a helper that runs train.py in-process."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.shards import write_shard
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO / "data" / "shakespeare"
+
+# A model small enough that a training step takes milliseconds; the data is the real
+# embedded Shakespeare, so the loss has something to learn.
+TINY = {
+    "data_dir": str(SHAKESPEARE),
+    "model_dim": 32,
+    "n_layer": 1,
+    "n_head": 2,
+    "sequence_length": 16,
+    "batch_size": 8,
+    "device_batch_size": 4,
+    "lr": 0.01,
+    "num_iterations": 8,
+    "val_tokens": 1024,
+    "val_loss_every": 4,
+    "sample_tokens": 0,
+    "device": "cpu",
+    "warmdown_ratio": 0.25,
+}
+
+
+def make_shards(folder, prefix, sizes, seed=0):
+    """Write a val shard and train shards of the given token counts; return the token arrays."""
+    rng = np.random.default_rng(seed)
+    tokens = {}
+    for i, size in enumerate(sizes):
+        split = "val" if i == 0 else "train"
+        tokens[i] = rng.integers(0, 50257, size=size, dtype=np.int64)
+        write_shard(Path(folder) / f"{prefix}_{split}_{i:06d}.bin", tokens[i])
+    return tokens
+
+
+def train_argv(runs_dir, run_name, **overrides):
+    """The argv for a tiny in-process run under `runs_dir`."""
+    values = {**TINY, "runs_dir": str(runs_dir), "run_name": run_name, **overrides}
+    return [item for k, v in values.items() for item in (f"--{k}", str(v))]
+
+
+def run_train(runs_dir, run_name, **overrides):
+    """Run train.main in this process and return the run's metric records."""
+    import train
+    from training.metrics import read_metrics
+
+    train.main(train_argv(runs_dir, run_name, **overrides))
+    return read_metrics(Path(runs_dir) / run_name)
+
+
+@pytest.fixture
+def python():
+    """The interpreter running the tests, for subprocesses."""
+    return sys.executable

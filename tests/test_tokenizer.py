@@ -1,0 +1,82 @@
+"""The offline GPT-2 tokenizer and the text-to-shard scripts."""
+
+import numpy as np
+import pytest
+
+from data.build_shakespeare import markdown_to_text
+from data.loader import find_shards
+from data.shards import EOT_TOKEN, load_tokens
+from data.tokenize_text import main as tokenize_main
+from data.tokenize_text import split_documents
+from data.tokenizer import gpt2_encoding
+
+
+def test_gpt2_ids_from_the_shipped_ranks():
+    encoding, source = gpt2_encoding()
+    assert "gpt2.tiktoken (sha256 verified)" in source
+    # Ids of GPT-2 itself, independent of this repository.
+    assert encoding.encode_ordinary("Hello world") == [15496, 995]
+    assert encoding.n_vocab == 50257
+    assert encoding.decode([15496, 995, EOT_TOKEN]) == "Hello world<|endoftext|>"
+
+
+def test_a_corrupt_ranks_file_is_refused(tmp_path):
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_text("aGVsbG8= 0\n")
+    with pytest.raises(ValueError, match="has sha256"):
+        gpt2_encoding(bad)
+    with pytest.raises(FileNotFoundError):
+        gpt2_encoding(tmp_path / "missing.tiktoken")
+
+
+def test_split_keeps_documents_whole():
+    docs = [np.full(n, i, dtype=np.uint16) for i, n in enumerate([50, 30, 10, 10])]
+    train, val = split_documents(docs, 0.15)
+    assert val.tolist() == [2] * 10 + [3] * 10  # whole last documents until >= 15%
+    assert len(train) == 80
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        split_documents(docs[:1], 0.1)
+
+
+def test_tokenize_text_writes_shards_with_eot_before_each_document(tmp_path):
+    texts = ["First document. " * 20, "Second one, longer. " * 40, "Third. " * 5]
+    files = []
+    for i, text in enumerate(texts):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(text)
+    out = tmp_path / "out"
+    tokenize_main(
+        [
+            *map(str, files),
+            "--out_dir",
+            str(out),
+            "--name",
+            "mine",
+            "--val_fraction",
+            "0.02",
+            "--shard_tokens",
+            "100",
+        ]
+    )
+    encoding, _ = gpt2_encoding()
+    train = np.concatenate([load_tokens(p) for p in find_shards(out, "train")])
+    val = load_tokens(find_shards(out, "val")[0])
+    assert len(find_shards(out, "train")) > 1  # 100-token shards
+    assert val[0] == EOT_TOKEN and encoding.decode(val[1:].tolist()) == texts[2]
+    docs = encoding.decode(train.tolist()).split("<|endoftext|>")
+    assert docs == ["", texts[0], texts[1]]
+
+
+def test_markdown_to_text():
+    md = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?  \n\\--Stand!\n"
+    assert markdown_to_text(md) == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO\nWho's there?\n--Stand!\n"
+
+
+def test_embedded_data_is_valid():
+    from tests.conftest import SHAKESPEARE
+
+    train = find_shards(SHAKESPEARE, "train")
+    val = find_shards(SHAKESPEARE, "val")
+    tokens = load_tokens(train[0])
+    assert len(tokens) > 1_000_000 and len(load_tokens(val[0])) > 50_000
+    assert tokens[0] == EOT_TOKEN and tokens.max() < EOT_TOKEN + 1
