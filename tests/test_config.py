@@ -1,0 +1,124 @@
+"""Config loading: YAML plus --key value, unknown keys, types, and value checks."""
+
+import pytest
+
+from training.config import KEYS, ConfigError, TrainConfig, load_config
+
+
+@pytest.fixture
+def yaml_file(tmp_path):
+    def write(text):
+        path = tmp_path / "exp.yaml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+def test_yaml_then_cli_override(yaml_file):
+    cfg = load_config(["--config", yaml_file("lr: 0.5\nn_layer: 3\n"), "--lr", "0.25", "--compile=true"])
+    assert (cfg.lr, cfg.n_layer, cfg.compile) == (0.25, 3, True)
+    assert cfg.run_name == "exp"  # defaults to the config file's name
+
+
+def test_every_key_can_be_set_from_the_cli():
+    for key, field in KEYS.items():
+        cfg = load_config([f"--{key}", str(field.default) if field.default is not None else "null"])
+        assert getattr(cfg, key) == field.default
+
+
+def test_unknown_keys_name_the_closest(yaml_file):
+    with pytest.raises(ConfigError, match=r"unknown key 'lrate'; did you mean 'lr'"):
+        load_config(["--config", yaml_file("lrate: 0.1\n")])
+    with pytest.raises(ConfigError, match=r"unknown key '--num_iteration'; did you mean 'num_iterations'"):
+        load_config(["--num_iteration", "5"])
+    with pytest.raises(ConfigError, match=r"unknown key '--lerning_rate'; did you mean 'lr'"):
+        load_config(["--lerning_rate", "5"])  # through the alias learning_rate
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "fast"], "lr must be float, got 'fast'"),
+        (["--n_layer", "2.5"], "n_layer must be int, got 2.5"),
+        (["--n_layer", "true"], "n_layer must be int, got True"),
+        (["--compile", "1"], "compile must be bool, got 1"),
+        (["--seed", "null"], "seed must be int, got None"),
+    ],
+)
+def test_types_are_checked(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(argv)
+
+
+def test_yaml_types_are_checked(yaml_file):
+    with pytest.raises(ConfigError, match="model_dim must be int"):
+        load_config(["--config", yaml_file("model_dim: '768'\n")])
+
+
+def test_string_keys_keep_the_text():
+    cfg = load_config(["--run_name", "007", "--wandb_project", "null"])
+    assert cfg.run_name == "007" and cfg.wandb_project is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--warmup_ratio", "0.9", "--warmdown_ratio", "0.2"], "warmup_ratio \\+ warmdown_ratio"),
+        (["--warmdown_ratio", "1.5"], "warmdown_ratio must lie in \\[0, 1\\]"),
+        (["--batch_size", "10", "--device_batch_size", "4"], "multiple of device_batch_size 4"),
+        (["--model_dim", "30", "--n_head", "4"], "model_dim 30 must split"),
+        (["--num_iterations", "0"], "num_iterations must be > 0"),
+        (["--precision", "fp16"], "precision must be one of"),
+        (["--run_name", "a/b"], "plain folder name"),
+        (["--lr", "-1"], "lr must be >= 0"),
+    ],
+)
+def test_values_are_checked(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["stray"], "expected --key value, got 'stray'"),
+        (["--lr"], "--lr needs a value"),
+        (["--config", "/no/such.yaml"], "does not exist"),
+    ],
+)
+def test_malformed_command_lines(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+def test_bad_yaml(yaml_file):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(["--config", yaml_file("lr: [\n")])
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(["--config", yaml_file("- 1\n- 2\n")])
+
+
+def test_shipped_configs_load():
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(["--config", str(path)])
+        assert isinstance(cfg, TrainConfig) and cfg.run_name == path.stem
+
+
+def test_readme_table_lists_every_key_with_its_default():
+    import re
+
+    from tests.conftest import REPO
+
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \|", (REPO / "README.md").read_text(), flags=re.MULTILINE)
+    table = dict(rows)
+    assert list(table) == list(KEYS)
+    for key, field in KEYS.items():
+        shown = table[key].strip().strip("`")
+        if field.default is None:
+            assert shown in ("null", "the config file's name"), key
+        else:
+            expected = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
+            assert shown == expected, key

@@ -1,0 +1,190 @@
+"""train.py end to end: learning, determinism, exact resume, one-line errors, DDP."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO, make_shards, run_train, train_argv
+from training.checkpoint import list_checkpoints, load_checkpoint
+
+COMPARED = ("train_loss", "val_loss", "lr", "grad_norm", "tokens")
+
+
+def compared(records):
+    return [{k: r.get(k) for k in ("step", *COMPARED)} for r in records]
+
+
+def test_loss_falls_on_the_embedded_data(tmp_path):
+    records = run_train(tmp_path, "learn", num_iterations=80, val_loss_every=20)
+    assert records[0]["train_loss"] == pytest.approx(math.log(50304), abs=1e-4)
+    assert records[-1]["val_loss"] < 7.6  # two seeds gave 7.22 and 7.20
+    assert records[-1]["val_loss"] < records[19]["val_loss"] - 0.5
+
+
+def test_metrics_and_run_folder(tmp_path):
+    records = run_train(tmp_path, "m")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert set(records[0]) == {"step", "train_loss", "lr", "grad_norm", "tokens", "step_time", "tokens_per_s"}
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert records[-1]["tokens"] == 8 * 8 * 16
+    run = tmp_path / "m"
+    assert "model_dim: 32" in (run / "config.yaml").read_text()
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    assert set(state) == {"model", "optimizer", "loader", "rng", "step", "config", "wandb_id"}
+    assert state["step"] == 8
+
+
+def test_same_seed_same_losses_bit_for_bit(tmp_path):
+    a = run_train(tmp_path, "a")
+    b = run_train(tmp_path, "b")
+    c = run_train(tmp_path, "c", seed=1)
+    assert compared(a) == compared(b)
+    assert [r["train_loss"] for r in a] != [r["train_loss"] for r in c]
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = run_train(tmp_path, "full", checkpoint_every=4, keep_checkpoints=5, grad_clip=0.5)
+    # A copy of the run as it stood at step 4, with a later metrics line that the crash left.
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    (part / "checkpoints" / "step_000008.pt").unlink()
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    (part / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    resumed = run_train(
+        tmp_path, "part", checkpoint_every=4, keep_checkpoints=5, grad_clip=0.5, resume="auto"
+    )
+    assert compared(resumed) == compared(full)
+
+
+def test_resume_from_a_path_and_config_mismatch(tmp_path):
+    run_train(tmp_path, "src", checkpoint_every=4, keep_checkpoints=5)
+    ckpt = tmp_path / "src" / "checkpoints" / "step_000004.pt"
+    records = run_train(tmp_path, "other", resume=str(ckpt))
+    assert [r["step"] for r in records] == [5, 6, 7, 8]
+    from training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="different model_dim"):
+        run_train(tmp_path, "other2", resume=str(ckpt), model_dim=64)
+
+
+def test_trains_without_wandb_installed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb would now fail
+    assert len(run_train(tmp_path, "nowandb", num_iterations=2)) == 2
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_train(tmp_path, "wb", num_iterations=2, wandb_project="test")
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+
+
+def run_cli(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown_key", "error: command line: unknown key '--lerning_rate'; did you mean 'lr'?"),
+        ("missing_data", "error: data_dir "),
+        ("corrupt_shard", "error: shard "),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, case, message):
+    data = tmp_path / "data"
+    make_shards(data, "x", [5000, 5000])
+    extra = ["--lerning_rate", "0.1"] if case == "unknown_key" else []
+    data_dir = tmp_path / "nope" if case == "missing_data" else data
+    if case == "corrupt_shard":
+        shard = data / "x_train_000001.bin"
+        shard.write_bytes(shard.read_bytes()[:-3])
+    result = run_cli([*train_argv(tmp_path / "runs", "e", data_dir=data_dir), *extra])
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith(message), result.stderr
+    assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_existing_run_is_never_overwritten(tmp_path):
+    run_train(tmp_path, "keep", num_iterations=2)
+    before = {p: p.read_bytes() for p in (tmp_path / "keep").rglob("*") if p.is_file()}
+    result = run_cli(train_argv(tmp_path, "keep", num_iterations=2))
+    assert result.returncode == 1 and "pass --resume auto" in result.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "keep").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    settings = {"num_iterations": 120, "checkpoint_every": 10, "val_loss_every": 50}
+    reference = run_train(tmp_path, "reference", **settings)
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *train_argv(tmp_path, "killed", **settings)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = tmp_path / "killed" / "checkpoints" / "step_000030.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed mid-way"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(list_checkpoints(tmp_path / "killed")[-1])["step"]
+    assert 30 <= killed_at < 120
+    resumed = run_cli(train_argv(tmp_path, "killed", resume="auto", **settings))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert compared(records) == compared(reference)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path):
+    single = run_train(tmp_path, "single", num_iterations=5)
+    args = train_argv(tmp_path, "ddp", num_iterations=5)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "train.py",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5], result.stderr[-2000:]
+    for a, b in zip(single, records, strict=True):
+        for key in ("train_loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert torch.load(list_checkpoints(tmp_path / "ddp")[-1], weights_only=False)["step"] == 5

@@ -1,0 +1,207 @@
+"""Train a GPT: `python train.py --config configs/tiny_cpu.yaml [--key value ...]`.
+
+Under torchrun, every rank runs this file and the batch is split over the ranks.
+"""
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.loader import DataError, TokenLoader, ValidationData, find_shards
+from data.shards import EOT_TOKEN, ShardError
+from data.tokenizer import gpt2_encoding
+from models.gpt_model import GPT, GPTConfig
+from training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from training.config import ConfigError, load_config, to_dict, to_yaml
+from training.distributed import grad_sync, init_distributed, mean_over_ranks, shutdown, wrap_model
+from training.host_memory import keep_freed_memory
+from training.metrics import MetricsLogger
+from training.param_groups import ParamGroupError, build_param_groups, describe_param_groups
+from training.schedule import lr_multiplier
+
+# Bad input is reported as one line, never a traceback.
+USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, ParamGroupError, ValueError)
+# Keys that shape the weights: a checkpoint only resumes into the same values.
+MODEL_KEYS = ("model_dim", "n_layer", "n_head", "sequence_length")
+
+
+@torch.no_grad()
+def evaluate(model, val_data, autocast, ctx):
+    """Mean loss over the fixed validation prefix, averaged over ranks."""
+    model.eval()
+    total = torch.zeros((), device=ctx.device)
+    for x, y in val_data:
+        with autocast:
+            total += model(x, y).float()
+    model.train()
+    return mean_over_ranks(total / len(val_data), ctx).item()
+
+
+def main(argv):
+    """Run one training job described by the command line `argv`."""
+    # Config and all checks that need no work.
+    cfg = load_config(argv)
+    keep_freed_memory()
+    ctx = init_distributed(cfg.device)
+    if cfg.batch_size % (cfg.device_batch_size * ctx.world_size):
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be a multiple of device_batch_size "
+            f"{cfg.device_batch_size} x world size {ctx.world_size}"
+        )
+    accum_steps = cfg.batch_size // (cfg.device_batch_size * ctx.world_size)
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    resume_path = resolve_resume(cfg.resume, run_dir)
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        changed = [k for k in MODEL_KEYS if checkpoint["config"][k] != getattr(cfg, k)]
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {resume_path} has a different {changed[0]} "
+                f"({checkpoint['config'][changed[0]]}, config says {getattr(cfg, changed[0])})"
+            )
+
+    # Data: the train stream and the fixed validation prefix, split over the ranks.
+    loader = TokenLoader(
+        find_shards(cfg.data_dir, "train"),
+        cfg.device_batch_size,
+        cfg.sequence_length,
+        ctx.rank,
+        ctx.world_size,
+        ctx.device,
+    )
+    val_data = ValidationData(
+        find_shards(cfg.data_dir, "val"),
+        cfg.val_tokens,
+        cfg.device_batch_size,
+        cfg.sequence_length,
+        ctx.rank,
+        ctx.world_size,
+        ctx.device,
+    )
+    if ctx.is_main:
+        print(to_yaml(cfg), end="")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    # Model: built without memory on the meta device, then materialised and initialised.
+    with torch.device("meta"):
+        raw_model = GPT(GPTConfig(cfg.model_dim, cfg.n_layer, cfg.n_head, cfg.sequence_length))
+    raw_model.to_empty(device=ctx.device)
+    raw_model.init_weights(cfg.seed)
+    model = wrap_model(raw_model, ctx)
+    if cfg.compile:
+        model = torch.compile(model)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    # Optimizer: one param group per parameter role.
+    groups = build_param_groups(raw_model, cfg)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    if ctx.is_main:
+        print("\n".join(describe_param_groups(groups)))
+
+    # Resume: weights, optimizer, data position and RNGs, so the run continues exactly.
+    step = 0
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        loader.load_state_dict(checkpoint["loader"])
+        set_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+        if ctx.is_main:
+            print(f"resumed from {resume_path} at step {step}")
+    logger = (
+        MetricsLogger(
+            run_dir,
+            cfg,
+            resume_step=step if checkpoint else None,
+            wandb_id=checkpoint["wandb_id"] if checkpoint else None,
+        )
+        if ctx.is_main
+        else None
+    )
+
+    def save(step):
+        state = {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "loader": loader.state_dict(),
+            "rng": rng_state(),
+            "step": step,
+            "config": to_dict(cfg),
+            "wandb_id": logger.wandb_id,
+        }
+        save_checkpoint(run_dir, step, state, cfg.keep_checkpoints)
+
+    # The loop: accumulate micro-batches, clip the gradient, step, evaluate, checkpoint.
+    tokens_per_step = cfg.batch_size * cfg.sequence_length
+    bar = tqdm(total=cfg.num_iterations, initial=step, disable=not ctx.is_main, dynamic_ncols=True)
+    while step < cfg.num_iterations:
+        start = time.perf_counter()
+        train_loss = torch.zeros((), device=ctx.device)
+        for micro in range(accum_steps):
+            x, y = loader.next_batch()
+            with grad_sync(model, sync=micro == accum_steps - 1), autocast:
+                loss = model(x, y)
+            (loss / accum_steps).backward()
+            train_loss += loss.detach().float() / accum_steps
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        lr_scale = lr_multiplier(step, cfg.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        train_loss = mean_over_ranks(train_loss, ctx).item()
+        step_time = time.perf_counter() - start
+        record = {
+            "step": step,
+            "train_loss": train_loss,
+            "lr": cfg.lr * lr_scale,
+            "grad_norm": grad_norm.item(),
+            "tokens": step * tokens_per_step,
+            "step_time": step_time,
+            "tokens_per_s": tokens_per_step / step_time,
+        }
+        last = step == cfg.num_iterations
+        if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
+            record["val_loss"] = evaluate(raw_model, val_data, autocast, ctx)
+        if ctx.is_main:
+            logger.log(record)
+            bar.update()
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            if "val_loss" in record:
+                bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
+            if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                save(step)
+    bar.close()
+
+    if ctx.is_main:
+        logger.close()
+        if cfg.sample_tokens:
+            encoding, _ = gpt2_encoding()
+            prompt = torch.tensor([[EOT_TOKEN]], device=ctx.device)
+            generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
+            with autocast:
+                sample = raw_model.generate(prompt, cfg.sample_tokens, top_k=200, generator=generator)
+            print(f"sample:\n{encoding.decode(sample[0, 1:].tolist())}")
+    shutdown(ctx)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")

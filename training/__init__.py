@@ -1,0 +1,1 @@
+"""The machinery that train.py calls: config, schedule, checkpoints, metrics, param groups."""

@@ -1,0 +1,80 @@
+"""Process-group setup: one process with no launcher, or one per rank under torchrun."""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    """Who this process is and which device it computes on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def pick_device(device, local_rank=0):
+    """Resolve the `device` key: "auto" is CUDA when present, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{device}'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was asked for, but CUDA is not available here")
+    return resolved
+
+
+def init_distributed(device):
+    """Start the process group when launched by torchrun (NCCL on CUDA, gloo otherwise)."""
+    if "RANK" not in os.environ:
+        return DistContext(rank=0, world_size=1, device=pick_device(device))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    resolved = pick_device(device, local_rank)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=resolved)
+
+
+def mean_over_ranks(value, ctx):
+    """Average a 0-d tensor over all ranks (identity in one process)."""
+    if ctx.world_size > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= ctx.world_size
+    return value
+
+
+def shutdown(ctx):
+    """Tear the process group down cleanly, so no rank aborts at exit."""
+    if ctx.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_model(model, ctx):
+    """Wrap the model for data parallelism when there is more than one rank."""
+    if ctx.world_size == 1:
+        return model
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def grad_sync(model, sync):
+    """A context for one micro-batch's backward: gradients are all-reduced only when `sync`,
+    so they sync once per optimizer step rather than once per micro-batch."""
+    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
