@@ -31,7 +31,7 @@ from training.param_groups import ParamGroupError, build_param_groups, describe_
 from training.schedule import lr_multiplier
 
 # Bad input is reported as one line, never a traceback.
-USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, ParamGroupError, ValueError)
+USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, ParamGroupError)
 # Keys that shape the weights: a checkpoint only resumes into the same values.
 MODEL_KEYS = ("model_dim", "n_layer", "n_head", "sequence_length")
 

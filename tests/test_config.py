@@ -1,6 +1,7 @@
 """Config loading: YAML plus --key value, unknown keys, types, and value checks."""
 
 import pytest
+import torch
 
 from training.config import KEYS, ConfigError, TrainConfig, load_config
 
@@ -122,3 +123,13 @@ def test_readme_table_lists_every_key_with_its_default():
         else:
             expected = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
             assert shown == expected, key
+
+
+@pytest.mark.parametrize(("device", "message"), [("tpu:0", "device must be auto, cpu"), ("cuda:0", "CUDA")])
+def test_bad_device(device, message):
+    from training.distributed import pick_device
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match=message):
+        pick_device(device)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from training.config import ConfigError
+
 
 @dataclass
 class DistContext:
@@ -30,9 +32,9 @@ def pick_device(device, local_rank=0):
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{device}'") from None
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{device}'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' was asked for, but CUDA is not available here")
+        raise ConfigError(f"device '{device}' was asked for, but CUDA is not available here")
     return resolved
 
 
