@@ -1,0 +1,153 @@
+"""Dion2 (Ahn, Amsel, Langford, 2025), Algorithm 1: orthonormalize only a selected fraction of
+the momentum's rows (or columns, along the shorter side), and decay only those."""
+
+import math
+
+import torch
+
+from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
+from optimizers.newton_schulz import newton_schulz
+
+SELECTIONS = ("l1", "random")
+DECAYS = ("selective", "full")
+SCOPES = ("local", "global")
+
+
+def slice_major(matrices):
+    """View (batch, m, n) so that its rows are the slices Dion2 selects: the shorter side."""
+    return matrices if matrices.size(-2) <= matrices.size(-1) else matrices.mT
+
+
+def num_selected(fraction, slices):
+    """k = ceil(fraction * slices)."""
+    return math.ceil(fraction * slices)
+
+
+class Dion2(MatrixOptimizer):
+    """M <- M + G; K = the top-k slices by l1 norm (or k random ones); O = NS(M[K]);
+    M[K] <- ef_decay M[K]; W <- W (1 - lr wd); W[K] <- W[K] - lr s O.
+
+    `decay="full"` decays all of M instead (the paper's ablation). Random selection draws
+    from (seed, parameter index, step), so every replica and every resume draws the same rows.
+    """
+
+    def __init__(
+        self,
+        params,
+        distributed_mesh=None,
+        lr=0.01,
+        fraction=0.25,
+        ef_decay=0.95,
+        betas=(0.9, 0.95),
+        weight_decay=0.01,
+        epsilon=1e-8,
+        adjust_lr="spectral_norm",
+        flatten=False,
+        use_triton=False,
+        use_polar_express=True,
+        selection_scope="local",
+        selection="l1",
+        decay="selective",
+        seed=0,
+        ns_dtype=None,
+    ):
+        defaults = dict(
+            lr=lr,
+            fraction=fraction,
+            ef_decay=ef_decay,
+            betas=betas,
+            weight_decay=weight_decay,
+            epsilon=epsilon,
+            adjust_lr=adjust_lr,
+            flatten=flatten,
+            use_polar_express=use_polar_express,
+            selection_scope=selection_scope,
+            selection=selection,
+            decay=decay,
+            seed=seed,
+            ns_dtype=ns_dtype,
+        )
+        super().__init__(params, defaults, distributed_mesh, use_triton)
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def _check_matrix_group(self, group):
+        if not 0 < group["fraction"] <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {group['fraction']}")
+        if not 0 <= group["ef_decay"] < 1:
+            raise ValueError(f"ef_decay must lie in [0, 1), got {group['ef_decay']}")
+        for key, allowed in (("selection", SELECTIONS), ("decay", DECAYS), ("selection_scope", SCOPES)):
+            if group[key] not in allowed:
+                raise ValueError(f"unknown {key} '{group[key]}'; allowed: {', '.join(allowed)}")
+
+    def _new_matrix_state(self, p, group):
+        batch, m, n = as_matrices(p, group["flatten"]).shape
+        return {
+            "momentum": torch.zeros_like(p),
+            "step": torch.zeros((), dtype=torch.int64),
+            # The step at which each slice was last selected (0: never), and the longest wait.
+            "last_selected": torch.zeros(batch, min(m, n), dtype=torch.int64, device=p.device),
+            "longest_wait": torch.zeros((), dtype=torch.int64, device=p.device),
+        }
+
+    def _select(self, group, slices, p, step):
+        """Sorted indices (batch, k) of the slices to update."""
+        batch, count, _ = slices.shape
+        k = num_selected(group["fraction"], count)
+        if group["selection"] == "l1":
+            indices = torch.linalg.vector_norm(slices, ord=1, dim=-1).topk(k, dim=-1, sorted=False).indices
+        else:
+            generator = torch.Generator().manual_seed(hash((group["seed"], self._index[p], step)) % 2**63)
+            indices = torch.stack([torch.randperm(count, generator=generator)[:k] for _ in range(batch)])
+            indices = indices.to(slices.device)
+        return indices.sort(dim=-1).values
+
+    def _update_bucket(self, group, params):
+        flatten, mu = group["flatten"], group["ef_decay"]
+        states = [self.state[p] for p in params]
+        momenta = [s["momentum"] for s in states]
+        torch._foreach_add_(momenta, [p.grad for p in params])
+
+        chosen, selected = [], []
+        for p, state, momentum in zip(params, states, momenta, strict=True):
+            state["step"] += 1
+            step = int(state["step"])
+            slices = slice_major(as_matrices(momentum, flatten))
+            indices = self._select(group, slices, p, step)
+            index = indices.unsqueeze(-1).expand(-1, -1, slices.size(-1))
+            chosen.append(index)
+            selected.append(slices.gather(1, index))
+            waited = step - 1 - state["last_selected"].gather(1, indices)
+            state["longest_wait"] = torch.maximum(state["longest_wait"], waited.max())
+            state["last_selected"].scatter_(1, indices, step)
+
+        stacked = torch.cat(selected)
+        ortho = newton_schulz(stacked, group["use_polar_express"], self._ns_dtype(group, stacked.device))
+
+        if group["decay"] == "full":
+            torch._foreach_mul_(momenta, mu)
+        else:
+            for momentum, index, rows in zip(momenta, chosen, selected, strict=True):
+                slice_major(as_matrices(momentum, flatten)).scatter_(1, index, rows.mul_(mu))
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        step_size = -group["lr"] * lr_scale(group["adjust_lr"], *matrix_shape(params[0], flatten))
+        for p, index, update in zip(params, chosen, ortho.split([len(i) for i in chosen]), strict=True):
+            slice_major(as_matrices(p, flatten)).scatter_add_(1, index, update.mul_(step_size))
+
+    def selection_stats(self):
+        """Per Dion2 matrix: the fraction of slices selected at least once so far, and the
+        longest run of steps any slice has gone unselected (including waits still going on)."""
+        stats = []
+        for group in self.param_groups:
+            if group["algorithm"] != self.algorithm_name():
+                continue
+            for p in group["params"]:
+                state = self.state[p]
+                last, step = state["last_selected"], int(state["step"])
+                ongoing = (step - last).max() if step else torch.zeros_like(state["longest_wait"])
+                stats.append(
+                    {
+                        "coverage": (last > 0).float().mean().item(),
+                        "longest_wait": int(torch.maximum(state["longest_wait"], ongoing)),
+                    }
+                )
+        return stats

@@ -1,0 +1,108 @@
+"""The shared machinery of the orthonormal optimizers.
+
+Every matrix update goes through `MatrixOptimizer._matrix_step`: it views each parameter as a
+batch of matrices, buckets same-shape matrices together, and hands each bucket to the
+algorithm's `_update_bucket`. The bucket is the unit that distributed runs partition.
+"""
+
+import math
+
+import torch
+
+from optimizers.scalar import ScalarOptimizer
+
+ADJUST_LR = ("spectral_norm", "rms_norm", None)
+
+
+def matrix_shape(p, flatten):
+    """(fan_out, fan_in) of the matrices a parameter stands for.
+
+    With `flatten`, a tensor of 3 or more dimensions is one matrix (dim 0 x the rest);
+    without it, its leading dimensions are a batch of independent matrices (MoE experts).
+    """
+    if p.ndim < 2:
+        raise ValueError(
+            f"a matrix algorithm needs tensors of 2 or more dimensions, got shape {tuple(p.shape)}"
+        )
+    if flatten and p.ndim > 2:
+        return p.shape[0], math.prod(p.shape[1:])
+    return p.shape[-2], p.shape[-1]
+
+
+def as_matrices(t, flatten):
+    """View t as (batch, fan_out, fan_in)."""
+    return t.reshape(-1, *matrix_shape(t, flatten))
+
+
+def lr_scale(adjust_lr, fan_out, fan_in):
+    """The factor on lr for an orthonormal update of a fan_out x fan_in matrix."""
+    if adjust_lr == "spectral_norm":
+        return math.sqrt(fan_out / fan_in)
+    if adjust_lr == "rms_norm":
+        return 0.2 * math.sqrt(max(fan_out, fan_in))
+    return 1.0
+
+
+def default_ns_dtype(device):
+    """bf16 on CUDA; fp32 elsewhere (on this project's CPUs bf16 Newton-Schulz was 60x slower)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class MatrixOptimizer(ScalarOptimizer):
+    """Base of Muon, NorMuon, Dion2 and Dion: the class's own algorithm for matrix groups,
+    AdamW or Lion for the groups that ask for them."""
+
+    def __init__(self, params, defaults, distributed_mesh=None, use_triton=False):
+        if distributed_mesh is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: distributed_mesh is not supported yet; pass None for one process"
+            )
+        if use_triton:
+            raise NotImplementedError(f"{type(self).__name__}: use_triton=True has no kernels yet")
+        super().__init__(params, defaults)
+
+    @classmethod
+    def algorithm_name(cls):
+        return cls.__name__.lower()
+
+    def _check_group(self, group):
+        super()._check_group(group)
+        if group["algorithm"] != self.algorithm_name():
+            return
+        if "adjust_lr" in group and group["adjust_lr"] not in ADJUST_LR:
+            raise ValueError(
+                f"unknown adjust_lr '{group['adjust_lr']}'; allowed: spectral_norm, rms_norm, None"
+            )
+        for p in group["params"]:
+            matrix_shape(p, group.get("flatten", False))
+        self._check_matrix_group(group)
+
+    def _check_matrix_group(self, group):
+        """Raise ValueError on a hyperparameter of the matrix algorithm that is out of range."""
+
+    def _update_bucket(self, group, params):
+        """Update a list of parameters whose matrices all have the same shape."""
+        raise NotImplementedError
+
+    def _matrix_step(self, group, params):
+        flatten = group.get("flatten", False)
+        buckets = {}
+        for p in params:
+            buckets.setdefault((matrix_shape(p, flatten), p.dtype, p.device), []).append(p)
+        for bucket in buckets.values():
+            self._update_bucket(group, bucket)
+
+    def _ns_dtype(self, group, device):
+        return group.get("ns_dtype") or default_ns_dtype(device)
+
+    @staticmethod
+    def _apply(group, params, updates, scale):
+        """W <- W (1 - lr wd) - lr scale U, with cautious decay where the group asks for it."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if group.get("cautious_wd", False):
+            for p, u in zip(params, updates, strict=True):
+                # Decay only where the update also pulls the weight towards zero.
+                p.sub_(p * (u * p > 0), alpha=lr * wd)
+        else:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, updates, alpha=-lr * scale)

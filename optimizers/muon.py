@@ -1,0 +1,73 @@
+"""Muon: momentum, then Newton-Schulz orthonormalization of each matrix's update."""
+
+import torch
+
+from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
+from optimizers.newton_schulz import newton_schulz
+
+
+class Muon(MatrixOptimizer):
+    """M <- mu M + G; U = G + mu M with Nesterov, else M; W <- W (1 - lr wd) - lr s NS(U),
+    where s is the `adjust_lr` scale of the matrix shape."""
+
+    def __init__(
+        self,
+        params,
+        distributed_mesh=None,
+        lr=0.01,
+        mu=0.95,
+        betas=(0.9, 0.95),
+        weight_decay=0.01,
+        cautious_wd=False,
+        epsilon=1e-8,
+        nesterov=False,
+        adjust_lr="spectral_norm",
+        flatten=False,
+        use_triton=False,
+        use_polar_express=True,
+        ns_dtype=None,
+        **extra_defaults,
+    ):
+        defaults = dict(
+            lr=lr,
+            mu=mu,
+            betas=betas,
+            weight_decay=weight_decay,
+            cautious_wd=cautious_wd,
+            epsilon=epsilon,
+            nesterov=nesterov,
+            adjust_lr=adjust_lr,
+            flatten=flatten,
+            use_polar_express=use_polar_express,
+            ns_dtype=ns_dtype,
+            **extra_defaults,
+        )
+        super().__init__(params, defaults, distributed_mesh, use_triton)
+
+    def _check_matrix_group(self, group):
+        if not 0 <= group["mu"] < 1:
+            raise ValueError(f"mu must lie in [0, 1), got {group['mu']}")
+
+    def _new_matrix_state(self, p, group):
+        return {"momentum": torch.zeros_like(p)}
+
+    def _orthonormalized(self, group, params, states, matrices):
+        """Hook for variants: the update from the orthonormalized matrices (batch, m, n)."""
+        return matrices
+
+    def _update_bucket(self, group, params):
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        momenta = [s["momentum"] for s in states]
+        torch._foreach_mul_(momenta, group["mu"])
+        torch._foreach_add_(momenta, grads)
+        inputs = torch._foreach_add(grads, momenta, alpha=group["mu"]) if group["nesterov"] else momenta
+        flatten = group["flatten"]
+        stacked = torch.cat([as_matrices(u, flatten) for u in inputs])
+        ortho = newton_schulz(stacked, group["use_polar_express"], self._ns_dtype(group, stacked.device))
+        ortho = self._orthonormalized(group, params, states, ortho)
+        updates = [
+            u.view_as(p)
+            for u, p in zip(ortho.split([len(as_matrices(p, flatten)) for p in params]), params, strict=True)
+        ]
+        self._apply(group, params, updates, lr_scale(group["adjust_lr"], *matrix_shape(params[0], flatten)))

@@ -1,0 +1,463 @@
+"""The optimizers against plain, per-matrix reference versions of their update rules.
+
+Each reference below is the textbook rule in float64, one matrix at a time. The fast paths
+(batched, fp32) must agree with them to the tolerance stated in each test.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
+from optimizers.dion2 import num_selected
+from optimizers.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, QUINTIC, newton_schulz
+
+SHAPES = [(32, 32), (24, 40), (40, 24), (3, 16, 24)]  # square, wide, tall, a batch of matrices
+# Where the singular values of a well-conditioned input end up after 5 steps.
+BAND = {True: (0.8, 1.2), False: (0.65, 1.2)}  # Polar Express, classic quintic
+
+
+def ref_newton_schulz(x, polar_express=True):
+    coeffs, safety, eps = (
+        (POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, 1e-6) if polar_express else (QUINTIC, 1.0, 1e-7)
+    )
+    tall = x.shape[0] > x.shape[1]
+    X = (x.T if tall else x).double()
+    X = X / (X.norm() * safety + eps)
+    for a, b, c in coeffs:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+def ref_scale(shape, adjust_lr="spectral_norm"):
+    m, n = shape[-2:]
+    return {"spectral_norm": math.sqrt(m / n), "rms_norm": 0.2 * math.sqrt(max(m, n)), None: 1.0}[adjust_lr]
+
+
+def ref_muon(w, g, m, lr, mu, wd, nesterov=False, adjust_lr="spectral_norm", cautious=False):
+    m = mu * m + g
+    u = g + mu * m if nesterov else m
+    o = ref_newton_schulz(u)
+    decay = lr * wd * w * ((o * w > 0) if cautious else 1)
+    return w - decay - lr * ref_scale(w.shape, adjust_lr) * o, m
+
+
+def ref_dion2(w, g, m, lr, fraction, mu, wd, rows=None, decay="selective"):
+    """Algorithm 1, on the shorter side. `rows` forces the selection (for random)."""
+    scale = ref_scale(w.shape)
+    if w.shape[0] > w.shape[1]:  # select columns: run the row rule on the transposes
+        w_t, m_t = ref_dion2_rows(w.T, g.T, m.T, lr, fraction, mu, wd, rows, decay, scale)
+        return w_t.T, m_t.T
+    return ref_dion2_rows(w, g, m, lr, fraction, mu, wd, rows, decay, scale)
+
+
+def ref_dion2_rows(w, g, m, lr, fraction, mu, wd, rows, decay, scale):
+    m = m + g
+    k = math.ceil(fraction * w.shape[0])
+    if rows is None:
+        rows = m.abs().sum(dim=1).topk(k).indices.sort().values
+    o = ref_newton_schulz(m[rows])
+    m = m * mu if decay == "full" else m.index_copy(0, rows, m[rows] * mu)
+    w = w * (1 - lr * wd)
+    w = w.index_add(0, rows, -lr * scale * o)
+    return w, m
+
+
+def ref_normuon(w, g, m, v, lr, mu, wd, beta2, eps):
+    m = mu * m + g
+    o = ref_newton_schulz(m)
+    v = beta2 * v + (1 - beta2) * (o**2).mean(dim=1)
+    o2 = o / (v.sqrt()[:, None] + eps)
+    o2 = o2 * o.norm() / (o2.norm() + eps)
+    return w * (1 - lr * wd) - lr * ref_scale(w.shape) * o2, m, v
+
+
+def ref_dion(w, g, m, q, lr, mu, wd):
+    m = m + g
+    p, _ = torch.linalg.qr(m @ q)
+    r = m.T @ p
+    m = m - (1 - mu) * p @ r.T
+    q = r / r.norm(dim=0, keepdim=True)
+    return w * (1 - lr * wd) - lr * math.sqrt(w.shape[0] / w.shape[1]) * p @ q.T, m, q
+
+
+def ref_lion(w, g, m, lr, beta1, beta2, wd):
+    c = beta1 * m + (1 - beta1) * g
+    return w * (1 - lr * wd) - lr * c.sign(), beta2 * m + (1 - beta2) * g
+
+
+def matrices(t):
+    return t.reshape(-1, *t.shape[-2:])
+
+
+def run_steps(optimizer_cls, shape, steps=3, seed=0, **kwargs):
+    """Run `steps` updates on one parameter; return the weights before, the grads and after."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(shape, generator=gen)
+    start = p.clone()
+    opt = optimizer_cls([p], **kwargs)
+    grads = []
+    for _ in range(steps):
+        grads.append(torch.randn(shape, generator=gen))
+        p.grad = grads[-1].clone()
+        opt.step()
+    return start, grads, p, opt
+
+
+def test_newton_schulz_matches_the_reference_and_the_band():
+    gen = torch.Generator().manual_seed(0)
+    for polar_express in (True, False):
+        for shape in [(3, 24, 40), (2, 40, 24), (1, 17, 17)]:
+            x = torch.randn(shape, generator=gen)
+            fast = newton_schulz(x, polar_express)
+            for i in range(shape[0]):
+                ref = ref_newton_schulz(x[i], polar_express)
+                torch.testing.assert_close(fast[i].double(), ref, atol=2e-5, rtol=0)
+        # On a well-conditioned wide matrix the singular values land in the iteration's band.
+        s = torch.linalg.svdvals(newton_schulz(torch.randn(64, 256, generator=gen), polar_express))
+        low, high = BAND[polar_express]
+        assert low < s.min() and s.max() < high
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"nesterov": True}, {"adjust_lr": "rms_norm"}, {"adjust_lr": None}, {"cautious_wd": True}],
+)
+def test_muon_matches_reference(shape, options):
+    kwargs = {"lr": 0.05, "mu": 0.9, "weight_decay": 0.1, **options}
+    start, grads, p, _ = run_steps(Muon, shape, **kwargs)
+    for i in range(len(matrices(start))):
+        w, m = matrices(start)[i].double(), torch.zeros(shape[-2:], dtype=torch.float64)
+        for g in grads:
+            w, m = ref_muon(
+                w,
+                matrices(g)[i].double(),
+                m,
+                kwargs["lr"],
+                kwargs["mu"],
+                kwargs["weight_decay"],
+                options.get("nesterov", False),
+                options.get("adjust_lr", "spectral_norm"),
+                options.get("cautious_wd", False),
+            )
+        torch.testing.assert_close(matrices(p)[i].double(), w, atol=1e-5, rtol=0)
+
+
+def test_muon_flatten_treats_a_3d_tensor_as_one_matrix():
+    start, grads, p, _ = run_steps(Muon, (4, 3, 5), flatten=True, lr=0.05)
+    w, m = start.reshape(4, 15).double(), torch.zeros(4, 15, dtype=torch.float64)
+    for g in grads:
+        w, m = ref_muon(w, g.reshape(4, 15).double(), m, 0.05, 0.95, 0.01)
+    torch.testing.assert_close(p.reshape(4, 15).double(), w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25, 0.1])
+@pytest.mark.parametrize("decay", ["selective", "full"])
+def test_dion2_l1_matches_reference(shape, fraction, decay):
+    kwargs = {"lr": 0.05, "fraction": fraction, "ef_decay": 0.9, "weight_decay": 0.1, "decay": decay}
+    start, grads, p, opt = run_steps(Dion2, shape, steps=4, **kwargs)
+    momentum = opt.state[p]["momentum"]
+    for i in range(len(matrices(start))):
+        w, m = matrices(start)[i].double(), torch.zeros(shape[-2:], dtype=torch.float64)
+        for g in grads:
+            w, m = ref_dion2(w, matrices(g)[i].double(), m, 0.05, fraction, 0.9, 0.1, decay=decay)
+        torch.testing.assert_close(matrices(p)[i].double(), w, atol=1e-5, rtol=0)
+        torch.testing.assert_close(matrices(momentum)[i].double(), m, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dion2_fraction_one_is_muon_without_nesterov(shape):
+    _, _, dion2, _ = run_steps(Dion2, shape, steps=5, fraction=1.0, ef_decay=0.95, lr=0.05)
+    _, _, muon, _ = run_steps(Muon, shape, steps=5, mu=0.95, nesterov=False, lr=0.05)
+    torch.testing.assert_close(dion2, muon, atol=1e-6, rtol=0)
+
+
+def changed_slices(before, after, rows_are_slices):
+    diff = (after - before).abs()
+    return (diff.sum(dim=1) if rows_are_slices else diff.sum(dim=0)).nonzero().flatten()
+
+
+@pytest.mark.parametrize(("shape", "fraction"), [((24, 40), 0.25), ((40, 24), 0.3), ((16, 16), 0.5)])
+@pytest.mark.parametrize("selection", ["l1", "random"])
+def test_dion2_step_properties(shape, fraction, selection):
+    """One step from a non-zero momentum: exactly k slices change, chosen as the rule says,
+    unselected momentum is old + grad, selected momentum is mu (old + grad), and the applied
+    update divided by the lr scale has singular values in the Newton-Schulz band."""
+    gen = torch.Generator().manual_seed(1)
+    lr, mu = 0.05, 0.9
+    p = torch.randn(shape, generator=gen)
+    opt = Dion2([p], lr=lr, fraction=fraction, ef_decay=mu, weight_decay=0.0, selection=selection, seed=3)
+    old_m = torch.randn(shape, generator=gen)
+    opt.state[p]["momentum"].copy_(old_m)
+    grad = torch.randn(shape, generator=gen)
+    p.grad = grad
+    before = p.clone()
+    opt.step()
+    rows_are_slices = shape[0] <= shape[1]
+    k = num_selected(fraction, min(shape))
+    chosen = changed_slices(before, p, rows_are_slices)
+    assert len(chosen) == k
+    accumulated = old_m + grad
+    if selection == "l1":
+        l1 = accumulated.abs().sum(dim=1 if rows_are_slices else 0)
+        assert set(chosen.tolist()) == set(l1.topk(k).indices.tolist())
+    view = (lambda t: t) if rows_are_slices else (lambda t: t.T)
+    new_m = view(opt.state[p]["momentum"])
+    unchosen = torch.ones(min(shape), dtype=torch.bool)
+    unchosen[chosen] = False
+    assert torch.equal(new_m[unchosen], view(accumulated)[unchosen])
+    torch.testing.assert_close(new_m[chosen], mu * view(accumulated)[chosen])
+    update = view(before - p)[chosen] / (lr * ref_scale(shape))
+    s = torch.linalg.svdvals(update)
+    assert BAND[True][0] < s.min() and s.max() < BAND[True][1]
+
+
+def test_dion2_random_selection_is_seeded_and_moves():
+    def rows(seed, steps=4):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(16, 32, generator=gen)
+        opt = Dion2([p], fraction=0.25, selection="random", seed=seed, weight_decay=0.0)
+        picks = []
+        for _ in range(steps):
+            before = p.clone()
+            p.grad = torch.randn(16, 32, generator=gen)
+            opt.step()
+            picks.append(changed_slices(before, p, True).tolist())
+        return picks
+
+    assert rows(7) == rows(7)
+    assert rows(7) != rows(8)
+    assert len({tuple(r) for r in rows(7)}) > 1  # a new draw every step
+
+
+def test_dion2_random_matches_reference_on_its_rows():
+    gen = torch.Generator().manual_seed(2)
+    p = torch.randn(12, 20, generator=gen)
+    opt = Dion2([p], lr=0.05, fraction=0.25, ef_decay=0.9, weight_decay=0.1, selection="random")
+    w, m = p.double().clone(), torch.zeros(12, 20, dtype=torch.float64)
+    for _ in range(3):
+        before = p.clone()
+        g = torch.randn(12, 20, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        rows = changed_slices(before * (1 - 0.05 * 0.1), p, True)
+        w, m = ref_dion2(w, g.double(), m, 0.05, 0.25, 0.9, 0.1, rows=rows)
+        torch.testing.assert_close(p.double(), w, atol=1e-5, rtol=0)
+
+
+def test_dion2_selection_stats():
+    p = torch.randn(8, 24)
+    opt = Dion2([p], fraction=0.25, selection="random", seed=0)
+    seen, waits = torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.long)
+    longest = 0
+    for _ in range(6):
+        before = p.clone()
+        p.grad = torch.randn(8, 24)
+        opt.step()
+        chosen = changed_slices(before * (1 - 0.01 * 0.01), p, True)
+        waits += 1
+        waits[chosen] = 0
+        seen[chosen] = True
+        longest = max(longest, waits.max().item())
+    (stats,) = opt.selection_stats()
+    assert stats == {"coverage": seen.float().mean().item(), "longest_wait": longest}
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_normuon_matches_reference_and_keeps_the_frobenius_norm(shape):
+    kwargs = {"lr": 0.05, "mu": 0.9, "weight_decay": 0.1, "muon_beta2": 0.8}
+    start, grads, p, opt = run_steps(NorMuon, shape, **kwargs)
+    w, m, v = (
+        start.double(),
+        torch.zeros(shape, dtype=torch.float64),
+        torch.zeros(shape[0], dtype=torch.float64),
+    )
+    for g in grads:
+        w, m, v = ref_normuon(w, g.double(), m, v, 0.05, 0.9, 0.1, 0.8, 1e-8)
+    torch.testing.assert_close(p.double(), w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(opt.state[p]["row_second_moment"][0].double(), v, atol=1e-7, rtol=1e-5)
+    # The applied update has the Frobenius norm of the orthonormalized matrix.
+    before = p.clone()
+    p.grad = torch.randn(shape)
+    momentum = opt.state[p]["momentum"] * 0.9 + p.grad
+    opt.step()
+    update = (before * (1 - 0.05 * 0.1) - p) / (0.05 * ref_scale(shape))
+    assert update.norm().item() == pytest.approx(newton_schulz(momentum).norm().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (16, 16)])
+@pytest.mark.parametrize("rank_fraction", [1.0, 0.25])
+def test_dion_matches_reference(shape, rank_fraction):
+    start, grads, p, opt = run_steps(
+        Dion, shape, steps=3, lr=0.05, mu=0.9, weight_decay=0.1, rank_fraction=rank_fraction
+    )
+    assert opt.param_groups[0]["qr_method"] == "cholesky_qr"
+    # The reference starts from the same Q, read from a fresh optimizer's state.
+    fresh = Dion([torch.zeros(shape)], rank_fraction=rank_fraction)
+    q = next(iter(fresh.state.values()))["q"][0].double()
+    w, m = start.double(), torch.zeros(shape, dtype=torch.float64)
+    for g in grads:
+        w, m, q = ref_dion(w, g.double(), m, q, 0.05, 0.9, 0.1)
+    torch.testing.assert_close(p.double(), w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(opt.state[p]["momentum"].double(), m, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("qr_method", ["cholesky_qr", "qr"])
+def test_dion_error_feedback_and_rank(qr_method):
+    gen = torch.Generator().manual_seed(4)
+    p = torch.randn(24, 40, generator=gen)
+    opt = Dion([p], lr=0.05, mu=0.9, weight_decay=0.0, rank_fraction=0.25, qr_method=qr_method)
+    for _ in range(3):
+        old_m = opt.state[p]["momentum"].clone()
+        q = opt.state[p]["q"][0].clone()
+        p.grad = torch.randn(24, 40, generator=gen)
+        before = p.clone()
+        opt.step()
+        # Error feedback: M_new = (I - (1 - mu) P P^T)(M_old + G), with P = orth((M_old + G) Q).
+        acc = (old_m + p.grad).double()
+        basis, _ = torch.linalg.qr(acc @ q.double())
+        expected = acc - 0.1 * basis @ basis.T @ acc
+        torch.testing.assert_close(opt.state[p]["momentum"].double(), expected, atol=1e-5, rtol=0)
+        s = torch.linalg.svdvals((before - p).double())
+        assert s[5] / s[0] > 1e-2 and s[6] / s[0] < 1e-4  # rank r = ceil(0.25 * 24) = 6
+        torch.testing.assert_close(opt.state[p]["q"].norm(dim=-2), torch.ones(1, 6))
+
+
+def test_adamw_equals_torch():
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    theirs = [p.clone() for p in params]
+    ours_opt = AdamWLion([{"params": params, "beta2": 0.99}], lr=0.01, weight_decay=0.1, epsilon=1e-6)
+    theirs_opt = torch.optim.AdamW(theirs, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-6)
+    for _ in range(5):
+        for a, b in zip(params, theirs, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        ours_opt.step()
+        theirs_opt.step()
+    for a, b in zip(params, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+def test_lion_matches_reference_in_every_class():
+    for cls in (AdamWLion, Muon, Dion2, NorMuon, Dion):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(6, 4, generator=gen)
+        w, m = p.clone(), torch.zeros(6, 4)
+        opt = cls([{"params": [p], "algorithm": "lion", "betas": (0.8, 0.9)}], lr=0.01, weight_decay=0.5)
+        for _ in range(4):
+            p.grad = torch.randn(6, 4, generator=gen)
+            w, m = ref_lion(w, p.grad, m, 0.01, 0.8, 0.9, 0.5)
+            opt.step()
+        torch.testing.assert_close(p, w, atol=1e-6, rtol=0)
+
+
+def test_group_overrides_are_honoured():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen)
+    opt = Muon(
+        [
+            {"params": [a]},
+            {
+                "params": [b],
+                "algorithm": "adamw",
+                "lr": 0.5,
+                "beta1": 0.5,
+                "weight_decay": 0.0,
+                "epsilon": 1e-3,
+            },
+        ],
+        lr=0.01,
+    )
+    assert opt.param_groups[1]["betas"] == (0.5, 0.95)
+    b_ref = b.clone()
+    torch_opt = torch.optim.AdamW([b_ref], lr=0.5, betas=(0.5, 0.95), weight_decay=0.0, eps=1e-3)
+    for p in (a, b):
+        p.grad = torch.randn(8, 8, generator=gen)
+    b_ref.grad = b.grad.clone()
+    opt.step()
+    torch_opt.step()
+    torch.testing.assert_close(b, b_ref)
+
+
+ALL = [
+    (Muon, {}),
+    (Muon, {"nesterov": True}),
+    (NorMuon, {}),
+    (Dion2, {"fraction": 0.5}),
+    (Dion2, {"fraction": 0.25, "selection": "random"}),
+    (Dion, {"rank_fraction": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ALL)
+def test_state_is_eager_and_round_trips(cls, kwargs):
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(8, 12, generator=gen),
+        torch.randn(12, 8, generator=gen),
+        torch.randn(5, generator=gen),
+    ]
+    groups = [{"params": params[:2]}, {"params": params[2:], "algorithm": "adamw"}]
+    opt = cls(groups, lr=0.02, **kwargs)
+    assert len(opt.state) == 3  # every parameter has its state before the first step
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    copies = [p.clone() for p in params]
+    restored = cls([{"params": copies[:2]}, {"params": copies[2:], "algorithm": "adamw"}], lr=0.02, **kwargs)
+    restored.load_state_dict(saved)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    for p, c, g in zip(params, copies, grads, strict=True):
+        p.grad, c.grad = g.clone(), g.clone()
+    opt.step()
+    restored.step()
+    for p, c in zip(params, copies, strict=True):
+        assert torch.equal(p, c)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ALL)
+def test_parameters_without_grad_are_untouched(cls, kwargs):
+    a, b = torch.randn(8, 12), torch.randn(8, 12)
+    opt = cls([a, b], lr=0.02, **kwargs)
+    a.grad = torch.randn(8, 12)
+    before = b.clone()
+    opt.step()
+    assert torch.equal(b, before)
+    assert not torch.equal(a, before)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda p: Dion2([p], fraction=0.0), r"fraction must lie in \(0, 1\], got 0.0"),
+        (lambda p: Dion2([p], fraction=1.5), r"fraction must lie in \(0, 1\], got 1.5"),
+        (lambda p: Dion2([p], selection="top"), "unknown selection 'top'"),
+        (lambda p: Dion2([p], decay="half"), "unknown decay 'half'"),
+        (lambda p: Muon([p], adjust_lr="fan_in"), "unknown adjust_lr 'fan_in'"),
+        (
+            lambda p: Muon([{"params": [p], "algorithm": "sgd"}]),
+            "unknown algorithm 'sgd'; Muon takes muon, adamw",
+        ),
+        (lambda p: Dion([p], rank_fraction=2.0), r"rank_fraction must lie in \(0, 1\]"),
+        (lambda p: Muon([p], mu=1.0), r"mu must lie in \[0, 1\)"),
+        (lambda p: Muon([torch.zeros(3)]), "needs tensors of 2 or more dimensions"),
+    ],
+)
+def test_bad_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build(torch.zeros(4, 4))
+
+
+def test_step_takes_a_closure():
+    p = torch.randn(4, 4, requires_grad=True)
+    opt = Dion2([p])
+    loss = opt.step(closure=lambda: (p**2).sum().backward() or (p**2).sum())
+    assert loss is not None and p.grad is not None
