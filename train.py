@@ -27,13 +27,19 @@ from training.config import ConfigError, load_config, to_dict, to_yaml
 from training.distributed import grad_sync, init_distributed, mean_over_ranks, shutdown, wrap_model
 from training.host_memory import keep_freed_memory
 from training.metrics import MetricsLogger
-from training.param_groups import ParamGroupError, build_param_groups, describe_param_groups
+from training.param_groups import (
+    ParamGroupError,
+    build_optimizer,
+    build_param_groups,
+    describe_param_groups,
+    selection_metrics,
+)
 from training.schedule import lr_multiplier
 
 # Bad input is reported as one line, never a traceback.
 USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, ParamGroupError)
-# Keys that shape the weights: a checkpoint only resumes into the same values.
-MODEL_KEYS = ("model_dim", "n_layer", "n_head", "sequence_length")
+# Keys that shape the weights or the optimizer state: a checkpoint only resumes into the same values.
+RESUME_KEYS = ("model_dim", "n_layer", "n_head", "sequence_length", "optimizer", "scalar_opt")
 
 
 @torch.no_grad()
@@ -64,7 +70,7 @@ def main(argv):
     resume_path = resolve_resume(cfg.resume, run_dir)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     if checkpoint is not None:
-        changed = [k for k in MODEL_KEYS if checkpoint["config"][k] != getattr(cfg, k)]
+        changed = [k for k in RESUME_KEYS if checkpoint["config"][k] != getattr(cfg, k)]
         if changed:
             raise CheckpointError(
                 f"checkpoint {resume_path} has a different {changed[0]} "
@@ -105,9 +111,9 @@ def main(argv):
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    # Optimizer: one param group per parameter role.
+    # Optimizer: one param group per parameter role; the matrices get the orthonormal algorithm.
     groups = build_param_groups(raw_model, cfg)
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = build_optimizer(groups, cfg)
     if ctx.is_main:
         print("\n".join(describe_param_groups(groups)))
 
@@ -178,6 +184,8 @@ def main(argv):
         last = step == cfg.num_iterations
         if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
             record["val_loss"] = evaluate(raw_model, val_data, autocast, ctx)
+        if cfg.diagnostics_every and (last or step % cfg.diagnostics_every == 0):
+            record.update(selection_metrics(optimizer))
         if ctx.is_main:
             logger.log(record)
             bar.update()

@@ -63,7 +63,6 @@ class Dion(MatrixOptimizer):
             seed=seed,
             replicate_mesh_grad_sync=replicate_mesh_grad_sync,
         )
-        self._next_index = 0
         super().__init__(params, defaults)
 
     def _check_matrix_group(self, group):
@@ -77,9 +76,9 @@ class Dion(MatrixOptimizer):
     def _new_matrix_state(self, p, group):
         batch, m, n = as_matrices(p, False).shape
         rank = math.ceil(group["rank_fraction"] * min(m, n))
-        # A seeded start for Q, so that every rank and every run begins from the same basis.
-        generator = torch.Generator().manual_seed(hash((group["seed"], self._next_index)) % 2**63)
-        self._next_index += 1
+        # A seeded start for Q, so that every rank and every run begins from the same basis;
+        # states are built in parameter order, so len(self.state) is this parameter's index.
+        generator = torch.Generator().manual_seed(hash((group["seed"], len(self.state))) % 2**63)
         # Orthonormal, not merely unit columns: a Gaussian square Q can have a condition number
         # in the hundreds, which the first power-iteration step would inherit.
         q = torch.linalg.qr(torch.randn(batch, n, rank, generator=generator)).Q

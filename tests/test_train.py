@@ -29,6 +29,45 @@ def test_loss_falls_on_the_embedded_data(tmp_path):
     assert records[-1]["val_loss"] < records[19]["val_loss"] - 0.5
 
 
+ORTHONORMAL = {"lr": 0.02, "scalar_lr": 0.01}
+
+
+@pytest.mark.parametrize("optimizer", ["dion2", "muon", "normuon", "dion", "adamw"])
+@pytest.mark.parametrize("scalar_opt", ["adamw", "lion"])
+def test_every_optimizer_lowers_the_loss(tmp_path, optimizer, scalar_opt):
+    settings = ORTHONORMAL if optimizer != "adamw" else {}
+    records = run_train(
+        tmp_path,
+        "o",
+        num_iterations=30,
+        val_loss_every=10,
+        optimizer=optimizer,
+        scalar_opt=scalar_opt,
+        **settings,
+    )
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert vals[0] > vals[1] > vals[2] and vals[2] < vals[0] - 0.5, vals
+
+
+@pytest.mark.parametrize("options", [{"selection": "random"}, {"decay": "full"}])
+def test_dion2_variants_train(tmp_path, options):
+    records = run_train(
+        tmp_path, "v", num_iterations=30, val_loss_every=10, optimizer="dion2", **ORTHONORMAL, **options
+    )
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert vals[-1] < vals[0] - 0.3, vals
+
+
+def test_selection_diagnostics_are_logged(tmp_path):
+    records = run_train(
+        tmp_path, "d", optimizer="dion2", diagnostics_every=4, ortho_fraction=0.25, **ORTHONORMAL
+    )
+    logged = [r for r in records if "selection_coverage_mean" in r]
+    assert [r["step"] for r in logged] == [4, 8]
+    assert 0.25 <= logged[0]["selection_coverage_min"] <= logged[1]["selection_coverage_mean"] <= 1
+    assert logged[1]["selection_longest_wait"] >= 1
+
+
 def test_metrics_and_run_folder(tmp_path):
     records = run_train(tmp_path, "m")
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -50,8 +89,17 @@ def test_same_seed_same_losses_bit_for_bit(tmp_path):
     assert [r["train_loss"] for r in a] != [r["train_loss"] for r in c]
 
 
-def test_resume_continues_exactly(tmp_path):
-    full = run_train(tmp_path, "full", checkpoint_every=4, keep_checkpoints=5, grad_clip=0.5)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"optimizer": "dion2", "selection": "random", **ORTHONORMAL},
+        {"optimizer": "dion", **ORTHONORMAL},
+        {"optimizer": "normuon", "scalar_opt": "lion", **ORTHONORMAL},
+    ],
+)
+def test_resume_continues_exactly(tmp_path, options):
+    full = run_train(tmp_path, "full", checkpoint_every=4, keep_checkpoints=5, grad_clip=0.5, **options)
     # A copy of the run as it stood at step 4, with a later metrics line that the crash left.
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "full", part)
@@ -59,7 +107,7 @@ def test_resume_continues_exactly(tmp_path):
     lines = (part / "metrics.jsonl").read_text().splitlines()
     (part / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")
     resumed = run_train(
-        tmp_path, "part", checkpoint_every=4, keep_checkpoints=5, grad_clip=0.5, resume="auto"
+        tmp_path, "part", checkpoint_every=4, keep_checkpoints=5, grad_clip=0.5, resume="auto", **options
     )
     assert compared(resumed) == compared(full)
 
@@ -73,6 +121,8 @@ def test_resume_from_a_path_and_config_mismatch(tmp_path):
 
     with pytest.raises(CheckpointError, match="different model_dim"):
         run_train(tmp_path, "other2", resume=str(ckpt), model_dim=64)
+    with pytest.raises(CheckpointError, match=r"different optimizer \(adamw, config says muon\)"):
+        run_train(tmp_path, "other3", resume=str(ckpt), optimizer="muon")
 
 
 def test_trains_without_wandb_installed(tmp_path, monkeypatch):

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from optimizers.dion2 import DECAYS, SCOPES, SELECTIONS
+from optimizers.matrix_optimizer import ADJUST_LR
+from optimizers.scalar import SCALAR_ALGORITHMS
+
 
 class ConfigError(ValueError):
     """A config key or value that is not allowed."""
@@ -36,8 +40,23 @@ class TrainConfig:
     device_batch_size: int = 32
     num_iterations: int = 3000
     # optimizer and schedule
-    lr: float = 0.002
+    optimizer: str = "dion2"  # dion2, muon, normuon, dion or adamw: the matrices' algorithm
+    scalar_opt: str = "adamw"  # adamw or lion: vectors, embedding and lm_head
+    lr: float = 0.02
+    scalar_lr: float | None = None  # lr of the scalar groups; default: lr
+    lm_head_lr_scale: float | None = None  # default: 1/sqrt(model_dim) with lion, 1 with adamw
     weight_decay: float = 0.01
+    mu: float = 0.95  # momentum (Muon, NorMuon, Dion) or error-feedback decay (Dion2)
+    ortho_fraction: float = 0.5  # Dion2's fraction of rows, Dion's rank fraction
+    selection: str = "l1"  # Dion2: l1 or random
+    selection_scope: str = "local"  # Dion2: local or global
+    decay: str = "selective"  # Dion2: selective or full (the paper's ablation)
+    adjust_lr: str | None = "spectral_norm"  # spectral_norm, rms_norm or null
+    nesterov: bool = False  # Muon, NorMuon
+    cautious_wd: bool = False  # Muon, NorMuon
+    use_polar_express: bool = True  # Newton-Schulz coefficients: Polar Express or the quintic
+    muon_beta2: float = 0.95  # NorMuon's per-neuron second moment
+    diagnostics_every: int = 10  # log Dion2's selection diagnostics every N steps; 0 = never
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     grad_clip: float = 0.0  # 0 = off
@@ -57,6 +76,15 @@ class TrainConfig:
 
 KEYS = {f.name: f for f in fields(TrainConfig)}
 PRECISIONS = ("auto", "bf16", "fp32")
+CHOICES = {
+    "optimizer": ("dion2", "muon", "normuon", "dion", "adamw"),
+    "scalar_opt": SCALAR_ALGORITHMS,
+    "selection": SELECTIONS,
+    "selection_scope": SCOPES,
+    "decay": DECAYS,
+    "adjust_lr": ADJUST_LR,
+    "precision": PRECISIONS,
+}
 
 
 # Names other training repositories use for our keys, so a suggestion can point across.
@@ -157,6 +185,7 @@ def validate(cfg):
         "lr",
         "weight_decay",
         "grad_clip",
+        "diagnostics_every",
     ):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
@@ -175,8 +204,18 @@ def validate(cfg):
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be a multiple of device_batch_size {cfg.device_batch_size}"
         )
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{cfg.precision}'")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            names = ", ".join("null" if a is None else a for a in allowed)
+            raise ConfigError(f"{key} must be one of {names}, got '{getattr(cfg, key)}'")
+    if not 0 < cfg.ortho_fraction <= 1:
+        raise ConfigError(f"ortho_fraction must lie in (0, 1], got {cfg.ortho_fraction}")
+    for key in ("mu", "muon_beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must lie in [0, 1), got {getattr(cfg, key)}")
+    for key in ("scalar_lr", "lm_head_lr_scale"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0 or null, got {getattr(cfg, key)}")
     if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name.startswith(".")):
         raise ConfigError(f"run_name must be a plain folder name, got '{cfg.run_name}'")
 

@@ -1,51 +1,135 @@
-"""Optimizer param groups built from the model's declared parameter roles."""
+"""Optimizer param groups built from the model's declared parameter roles, and the optimizer."""
+
+import math
 
 from models.gpt_model import ROLES
+from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
 
 
 class ParamGroupError(ValueError):
-    """Param groups that leave a parameter out, or put one in twice."""
+    """Param groups that would silently train a parameter with the wrong algorithm."""
+
+
+def lm_head_lr_scale(cfg):
+    """The lm_head's lr factor: the config's, else 1/sqrt(model_dim) for Lion and 1 for AdamW."""
+    if cfg.lm_head_lr_scale is not None:
+        return cfg.lm_head_lr_scale
+    return 1 / math.sqrt(cfg.model_dim) if cfg.scalar_opt == "lion" else 1.0
 
 
 def build_param_groups(model, cfg):
-    """One group per role, each tagged with `role` and its unscheduled `base_lr`.
+    """One group per role, tagged with `role`, its `algorithm` and its unscheduled `base_lr`.
 
-    The embedding gets no weight decay; the other roles get cfg.weight_decay.
+    matrix: the main algorithm (`optimizer`); vector, embedding and lm_head: `scalar_opt`,
+    at `scalar_lr`, the lm_head scaled by `lm_head_lr_scale`, the embedding without weight decay.
     """
+    scalar_lr = cfg.lr if cfg.scalar_lr is None else cfg.scalar_lr
+    settings = {
+        "matrix": (cfg.optimizer, cfg.lr, cfg.weight_decay),
+        "vector": (cfg.scalar_opt, scalar_lr, cfg.weight_decay),
+        "embedding": (cfg.scalar_opt, scalar_lr, 0.0),
+        "lm_head": (cfg.scalar_opt, scalar_lr * lm_head_lr_scale(cfg), cfg.weight_decay),
+    }
     roles = model.param_roles()
     groups = []
     for role in ROLES:
         params = [p for _, p in roles[role]]
         if params:
-            wd = 0.0 if role == "embedding" else cfg.weight_decay
+            algorithm, lr, wd = settings[role]
             groups.append(
-                {"role": role, "params": params, "base_lr": cfg.lr, "lr": cfg.lr, "weight_decay": wd}
+                {
+                    "role": role,
+                    "params": params,
+                    "algorithm": algorithm,
+                    "base_lr": lr,
+                    "lr": lr,
+                    "weight_decay": wd,
+                }
             )
-    check_param_groups(model, groups)
+    check_param_groups(model, groups, cfg.optimizer)
     return groups
 
 
-def check_param_groups(model, groups):
-    """Raise ParamGroupError unless every parameter of the model is in exactly one group."""
+def check_param_groups(model, groups, matrix_algorithm):
+    """Raise ParamGroupError unless every parameter is in exactly one group, the embedding and
+    the lm_head are outside the `matrix_algorithm` groups, and every hidden matrix is inside."""
     names = {id(p): n for n, p in model.named_parameters()}
+    roles = {id(p): role for role, params in model.param_roles().items() for _, p in params}
     seen = {}
     for group in groups:
         for p in group["params"]:
+            name, algorithm = names.get(id(p), "?"), group["algorithm"]
             if id(p) in seen:
-                name, first = names.get(id(p), "?"), seen[id(p)]
                 raise ParamGroupError(
-                    f"parameter {name} is in both the {first} and the {group['role']} group"
+                    f"parameter {name} is in two param groups ({seen[id(p)]} and {algorithm})"
                 )
-            seen[id(p)] = group["role"]
+            seen[id(p)] = algorithm
+            role = roles.get(id(p))
+            if algorithm == matrix_algorithm != "adamw" and role in ("embedding", "lm_head"):
+                raise ParamGroupError(
+                    f"{role} parameter {name} is in the {algorithm} group; the embedding and the lm_head "
+                    "need a scalar algorithm (adamw or lion)"
+                )
+            if role == "matrix" and algorithm != matrix_algorithm:
+                raise ParamGroupError(
+                    f"hidden matrix {name} is left out of the {matrix_algorithm} group (it is in {algorithm})"
+                )
     missing = [n for i, n in names.items() if i not in seen]
     if missing:
         raise ParamGroupError(f"parameters in no optimizer group: {', '.join(missing)}")
 
 
 def describe_param_groups(groups):
-    """One line per group: role, tensor count, parameter count, lr and weight decay."""
+    """One line per group: role, algorithm, tensor count, parameter count, lr and weight decay."""
     return [
-        f"{g['role']:>9}: {len(g['params']):3d} tensors, {sum(p.numel() for p in g['params']):>12,} "
-        f"params, lr {g['base_lr']:g}, weight_decay {g['weight_decay']:g}"
+        f"{g['role']:>9}: {g['algorithm']:>7}, {len(g['params']):3d} tensors, "
+        f"{sum(p.numel() for p in g['params']):>12,} params, lr {g['base_lr']:g}, "
+        f"weight_decay {g['weight_decay']:g}"
         for g in groups
     ]
+
+
+def build_optimizer(groups, cfg):
+    """The optimizer of `cfg.optimizer` over `groups`, with the config's hyperparameters."""
+    common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    muon_like = {
+        **common,
+        "mu": cfg.mu,
+        "nesterov": cfg.nesterov,
+        "cautious_wd": cfg.cautious_wd,
+        "adjust_lr": cfg.adjust_lr,
+        "use_polar_express": cfg.use_polar_express,
+    }
+    if cfg.optimizer == "dion2":
+        return Dion2(
+            groups,
+            **common,
+            fraction=cfg.ortho_fraction,
+            ef_decay=cfg.mu,
+            adjust_lr=cfg.adjust_lr,
+            use_polar_express=cfg.use_polar_express,
+            selection=cfg.selection,
+            selection_scope=cfg.selection_scope,
+            decay=cfg.decay,
+            seed=cfg.seed,
+        )
+    if cfg.optimizer == "muon":
+        return Muon(groups, **muon_like)
+    if cfg.optimizer == "normuon":
+        return NorMuon(groups, **muon_like, muon_beta2=cfg.muon_beta2)
+    if cfg.optimizer == "dion":
+        return Dion(groups, **common, mu=cfg.mu, rank_fraction=cfg.ortho_fraction, seed=cfg.seed)
+    return AdamWLion(groups, **common)
+
+
+def selection_metrics(optimizer):
+    """Dion2's selection diagnostics over all matrices, for the metrics log ({} otherwise)."""
+    if not isinstance(optimizer, Dion2):
+        return {}
+    stats = optimizer.selection_stats()
+    coverage = [s["coverage"] for s in stats]
+    return {
+        "selection_coverage_mean": sum(coverage) / len(coverage),
+        "selection_coverage_min": min(coverage),
+        "selection_longest_wait": max(s["longest_wait"] for s in stats),
+    }

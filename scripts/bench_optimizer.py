@@ -1,0 +1,155 @@
+"""Time optimizer.step() on the matrices of a GPT, in the manner of the Dion2 paper's Figure 1.
+
+    python scripts/bench_optimizer.py --model_dim 768 --n_layer 2 [--png bench.png]
+
+Per layer the matrices are four d x d, one 4d x d and one d x 4d, with fixed random gradients.
+The contenders (Muon, Dion2 at several fractions, and Muon's Newton-Schulz matmuls alone on the
+same stacked inputs) run interleaved, one step each in a rotating order, so that the machine's
+noise falls on all of them alike. Reported: the minimum and the median over the timed steps.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from optimizers import Dion2, Muon
+from optimizers.matrix_optimizer import default_ns_dtype
+from optimizers.newton_schulz import coefficients, gram
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def gpt_matrix_shapes(model_dim, n_layer):
+    """The hidden matrices of one GPT: per layer q, k, v, out (d x d), MLP in (4d x d) and out."""
+    d = model_dim
+    return [(d, d)] * 4 * n_layer + [(4 * d, d), (d, 4 * d)] * n_layer
+
+
+def ns_matmuls(stacks, use_polar_express=True):
+    """Only the matmuls of Newton-Schulz (the same `gram` products), on stacked, oriented inputs."""
+    for x in stacks:
+        for a, _, _ in coefficients(use_polar_express)[0]:
+            A = gram(x)
+            B = gram(A)
+            x = torch.baddbmm(x, B, x, beta=a, alpha=1.0)
+
+
+def oriented_stacks(shapes, device, dtype, generator):
+    """Random inputs stacked per shape, each wide (m <= n), as Muon's Newton-Schulz sees them."""
+    counts = {}
+    for m, n in shapes:
+        key = (min(m, n), max(m, n))
+        counts[key] = counts.get(key, 0) + 1
+    return [torch.randn(c, m, n, generator=generator).to(device, dtype) for (m, n), c in counts.items()]
+
+
+def make_contender(build, shapes, device, generator):
+    """Fresh parameters with fixed gradients, and a step function for the optimizer `build` makes."""
+    params = [torch.randn(s, generator=generator).to(device) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(device)
+    return build(params).step
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(model_dim, n_layer, fractions, steps, warmup, device, dtype, seed=0):
+    """Time every contender; return {name: [seconds per step, ...]} over the timed steps."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = gpt_matrix_shapes(model_dim, n_layer)
+    contenders = {"muon": make_contender(lambda p: Muon(p, ns_dtype=dtype), shapes, device, generator)}
+    for f in fractions:
+        contenders[f"dion2 {f:g}"] = make_contender(
+            lambda p, f=f: Dion2(p, fraction=f, ns_dtype=dtype), shapes, device, generator
+        )
+    stacks = oriented_stacks(shapes, device, dtype, generator)
+    contenders["muon NS matmuls"] = lambda: ns_matmuls(stacks)
+    names = list(contenders)
+    times = {name: [] for name in names}
+    for i in range(warmup + steps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            contenders[name]()
+            synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(times, model_dim, n_layer, device, dtype):
+    """Print the table and the target ratios."""
+    muon = statistics.median(times["muon"])
+    print(
+        f"optimizer.step() on a {n_layer}-layer GPT of model_dim {model_dim}; {device}, {dtype}, "
+        f"{len(times['muon'])} timed steps each"
+    )
+    print(f"{'contender':<18} {'min ms':>10} {'median ms':>10} {'/ muon':>8}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<18} {min(values) * 1e3:>10.1f} {median * 1e3:>10.1f} {median / muon:>8.3f}")
+    ns = statistics.median(times["muon NS matmuls"])
+    print(f"muon step / its NS matmuls alone: {muon / ns:.3f} (target <= 1.3)")
+    if "dion2 0.25" in times:
+        ratio = statistics.median(times["dion2 0.25"]) / muon
+        print(f"dion2 0.25 step / muon step: {ratio:.3f} (target <= 0.12)")
+
+
+def plot(times, path, title):
+    """A bar chart of the median step times."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(times)
+    medians = [statistics.median(times[n]) * 1e3 for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(names[::-1], medians[::-1], color="tab:blue")
+    ax.set_xlabel("median step time (ms)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model_dim", type=int, default=768)
+    parser.add_argument("--n_layer", type=int, default=2)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="Newton-Schulz compute dtype; default: bf16 on CUDA, fp32 elsewhere",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--png", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_ns_dtype(device)
+    times = run(args.model_dim, args.n_layer, args.fractions, args.steps, args.warmup, device, dtype)
+    report(times, args.model_dim, args.n_layer, device, dtype)
+    if args.png:
+        plot(times, args.png, f"optimizer step, model_dim {args.model_dim}, {args.n_layer} layers ({device})")
+
+
+if __name__ == "__main__":
+    main()
