@@ -113,7 +113,7 @@ def main(argv):
 
     # Optimizer: one param group per parameter role; the matrices get the orthonormal algorithm.
     groups = build_param_groups(raw_model, cfg)
-    optimizer = build_optimizer(groups, cfg)
+    optimizer = build_optimizer(groups, cfg, ctx.group)
     if ctx.is_main:
         print("\n".join(describe_param_groups(groups)))
 
@@ -180,6 +180,7 @@ def main(argv):
             "tokens": step * tokens_per_step,
             "step_time": step_time,
             "tokens_per_s": tokens_per_step / step_time,
+            "comm_bytes": optimizer.comm_bytes(),
         }
         last = step == cfg.num_iterations
         if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):

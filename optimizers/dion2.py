@@ -6,7 +6,6 @@ import math
 import torch
 
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
-from optimizers.newton_schulz import newton_schulz
 
 SELECTIONS = ("l1", "random")
 DECAYS = ("selective", "full")
@@ -120,8 +119,7 @@ class Dion2(MatrixOptimizer):
             state["longest_wait"] = torch.maximum(state["longest_wait"], waited.max())
             state["last_selected"].scatter_(1, indices, step)
 
-        stacked = torch.cat(selected)
-        ortho = newton_schulz(stacked, group["use_polar_express"], self._ns_dtype(group, stacked.device))
+        ortho = self._orthonormalize(group, torch.cat(selected))
 
         if group["decay"] == "full":
             torch._foreach_mul_(momenta, mu)

@@ -8,7 +8,10 @@ algorithm's `_update_bucket`. The bucket is the unit that distributed runs parti
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from optimizers.comm import Communicator, process_group
+from optimizers.newton_schulz import newton_schulz
 from optimizers.scalar import ScalarOptimizer
 
 ADJUST_LR = ("spectral_norm", "rms_norm", None)
@@ -53,13 +56,24 @@ class MatrixOptimizer(ScalarOptimizer):
     AdamW or Lion for the groups that ask for them."""
 
     def __init__(self, params, defaults, distributed_mesh=None, use_triton=False):
-        if distributed_mesh is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__}: distributed_mesh is not supported yet; pass None for one process"
-            )
         if use_triton:
             raise NotImplementedError(f"{type(self).__name__}: use_triton=True has no kernels yet")
         super().__init__(params, defaults)
+        group = process_group(distributed_mesh)
+        self.comm = Communicator(group) if group is not None else None
+        if self.comm is not None:
+            for p in self._matrix_params():
+                if isinstance(p, DTensor):
+                    raise NotImplementedError(
+                        f"{type(self).__name__}: sharded (DTensor) parameters are not supported yet; "
+                        "distributed_mesh serves replicated parameters (DDP)"
+                    )
+
+    def _matrix_params(self):
+        return [p for g in self.param_groups if g["algorithm"] == self.algorithm_name() for p in g["params"]]
+
+    def comm_bytes(self):
+        return self.comm.take_bytes() if self.comm is not None else 0
 
     @classmethod
     def algorithm_name(cls):
@@ -92,8 +106,24 @@ class MatrixOptimizer(ScalarOptimizer):
         for bucket in buckets.values():
             self._update_bucket(group, bucket)
 
-    def _ns_dtype(self, group, device):
-        return group.get("ns_dtype") or default_ns_dtype(device)
+    def _orthonormalize(self, group, stacked):
+        """Newton-Schulz of a stack (B, m, n) of same-shape matrices, in the stack's dtype.
+
+        With a process group, the matrices are replicated on every rank: each rank
+        orthonormalizes its own contiguous share of the stack, and the shares are all-gathered
+        in the compute dtype, so no matrix is orthonormalized twice.
+        """
+        dtype = group.get("ns_dtype") or default_ns_dtype(stacked.device)
+        polar_express = group["use_polar_express"]
+        if self.comm is None or self.comm.world_size == 1:
+            return newton_schulz(stacked, polar_express, dtype)
+        world, total = self.comm.world_size, stacked.size(0)
+        share = math.ceil(total / world)
+        mine = stacked[self.comm.rank * share : (self.comm.rank + 1) * share]
+        if len(mine) < share:  # the last ranks' shares run short: pad with zero matrices
+            mine = torch.cat([mine, mine.new_zeros(share - len(mine), *stacked.shape[1:])])
+        ortho = newton_schulz(mine, polar_express, dtype, out_dtype=dtype)
+        return self.comm.all_gather_stack(ortho, total).to(stacked.dtype)
 
     @staticmethod
     def _apply(group, params, updates, scale):

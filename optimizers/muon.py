@@ -3,7 +3,6 @@
 import torch
 
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
-from optimizers.newton_schulz import newton_schulz
 
 
 class Muon(MatrixOptimizer):
@@ -64,7 +63,7 @@ class Muon(MatrixOptimizer):
         inputs = torch._foreach_add(grads, momenta, alpha=group["mu"]) if group["nesterov"] else momenta
         flatten = group["flatten"]
         stacked = torch.cat([as_matrices(u, flatten) for u in inputs])
-        ortho = newton_schulz(stacked, group["use_polar_express"], self._ns_dtype(group, stacked.device))
+        ortho = self._orthonormalize(group, stacked)
         ortho = self._orthonormalized(group, params, states, ortho)
         updates = [
             u.view_as(p)

@@ -51,11 +51,11 @@ def gram(x, block_rows=None):
     return out
 
 
-def newton_schulz(x, use_polar_express=True, dtype=torch.float32):
-    """Orthonormalize each matrix of x (..., m, n): returns about U V^T of its SVD, in x's dtype.
+def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None):
+    """Orthonormalize each matrix of x (..., m, n): returns about U V^T of its SVD.
 
-    The work runs in `dtype`. Tall matrices are transposed so that X X^T is the smaller Gram
-    matrix, and transposed back at the end.
+    The work runs in `dtype`; the result is in `out_dtype` (default: x's dtype). Tall
+    matrices are transposed so that X X^T is the smaller Gram matrix, and transposed back.
     """
     steps, safety, eps = coefficients(use_polar_express)
     tall = x.size(-2) > x.size(-1)
@@ -69,4 +69,4 @@ def newton_schulz(x, use_polar_express=True, dtype=torch.float32):
         B = gram(A).mul_(c).add_(A, alpha=b)  # b A + c A^2; A is symmetric, so A^2 = A A^T
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     X = X.reshape(*batch_shape, *X.shape[-2:])
-    return (X.mT if tall else X).to(x.dtype)
+    return (X.mT if tall else X).to(out_dtype or x.dtype)

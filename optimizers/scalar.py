@@ -69,6 +69,10 @@ class ScalarOptimizer(torch.optim.Optimizer):
         if not all(0 <= b < 1 for b in group["betas"]):
             raise ValueError(f"betas must lie in [0, 1), got {group['betas']}")
 
+    def comm_bytes(self):
+        """Bytes the optimizer's collectives moved on this rank since the last call."""
+        return 0
+
     def _new_state(self, p, group):
         if group["algorithm"] == "adamw":
             return {

@@ -71,7 +71,9 @@ def test_selection_diagnostics_are_logged(tmp_path):
 def test_metrics_and_run_folder(tmp_path):
     records = run_train(tmp_path, "m")
     assert [r["step"] for r in records] == list(range(1, 9))
-    assert set(records[0]) == {"step", "train_loss", "lr", "grad_norm", "tokens", "step_time", "tokens_per_s"}
+    keys = {"step", "train_loss", "lr", "grad_norm", "tokens", "step_time", "tokens_per_s", "comm_bytes"}
+    assert set(records[0]) == keys
+    assert records[0]["comm_bytes"] == 0  # one process moves nothing
     assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
     assert records[-1]["tokens"] == 8 * 8 * 16
     run = tmp_path / "m"
@@ -211,9 +213,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path):
-    single = run_train(tmp_path, "single", num_iterations=5)
-    args = train_argv(tmp_path, "ddp", num_iterations=5)
+@pytest.mark.parametrize("options", [{}, {"optimizer": "dion2", "ortho_fraction": 0.25, **ORTHONORMAL}])
+def test_two_process_ddp_matches_one_process(tmp_path, options):
+    single = run_train(tmp_path, "single", num_iterations=5, **options)
+    args = train_argv(tmp_path, "ddp", num_iterations=5, **options)
     result = subprocess.run(
         [
             sys.executable,
@@ -238,3 +241,5 @@ def test_two_process_ddp_matches_one_process(tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
     assert torch.load(list_checkpoints(tmp_path / "ddp")[-1], weights_only=False)["step"] == 5
+    # Dion2 splits its orthonormalization over the ranks and gathers the results.
+    assert all((r["comm_bytes"] > 0) == bool(options) for r in records)

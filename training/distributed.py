@@ -22,6 +22,11 @@ class DistContext:
     def is_main(self):
         return self.rank == 0
 
+    @property
+    def group(self):
+        """The process group of all ranks, or None in a single process."""
+        return dist.group.WORLD if self.world_size > 1 else None
+
 
 def pick_device(device, local_rank=0):
     """Resolve the `device` key: "auto" is CUDA when present, else the CPU."""

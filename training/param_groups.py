@@ -89,11 +89,16 @@ def describe_param_groups(groups):
     ]
 
 
-def build_optimizer(groups, cfg):
-    """The optimizer of `cfg.optimizer` over `groups`, with the config's hyperparameters."""
+def build_optimizer(groups, cfg, distributed_mesh=None):
+    """The optimizer of `cfg.optimizer` over `groups`, with the config's hyperparameters.
+
+    `distributed_mesh` (the data-parallel process group) lets Muon, NorMuon and Dion2 split
+    the orthonormalization of replicated matrices over the ranks.
+    """
     common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     muon_like = {
         **common,
+        "distributed_mesh": distributed_mesh,
         "mu": cfg.mu,
         "nesterov": cfg.nesterov,
         "cautious_wd": cfg.cautious_wd,
@@ -104,6 +109,7 @@ def build_optimizer(groups, cfg):
         return Dion2(
             groups,
             **common,
+            distributed_mesh=distributed_mesh,
             fraction=cfg.ortho_fraction,
             ef_decay=cfg.mu,
             adjust_lr=cfg.adjust_lr,

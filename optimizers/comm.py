@@ -1,0 +1,47 @@
+"""The optimizers' distributed communication: process-group resolution, the collectives they
+use, and a counter of the bytes those collectives move."""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def process_group(mesh):
+    """The ProcessGroup of a 1-D DeviceMesh or a ProcessGroup (None stays None)."""
+    if mesh is None or not dist.is_initialized():
+        return None
+    if isinstance(mesh, DeviceMesh):
+        if mesh.ndim != 1:
+            raise ValueError(f"distributed_mesh must be 1-D, got a {mesh.ndim}-D mesh")
+        return mesh.get_group()
+    return mesh
+
+
+class Communicator:
+    """The collectives of one optimizer over one process group, with a byte counter.
+
+    `bytes_moved` counts, per rank, the bytes of each collective's result that came from
+    other ranks: the figure that shrinks when an algorithm moves less.
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bytes_moved = 0
+
+    def all_gather_stack(self, mine, total):
+        """Concatenate every rank's equal-size stack `mine` (c, ...) along dim 0; keep `total` rows.
+
+        The collective works on flat buffers, which every backend (gloo too) accepts.
+        """
+        mine = mine.contiguous()
+        out = torch.empty(self.world_size * mine.numel(), dtype=mine.dtype, device=mine.device)
+        dist.all_gather_into_tensor(out, mine.view(-1), group=self.group)
+        self.bytes_moved += (self.world_size - 1) * mine.numel() * mine.element_size()
+        return out.view(self.world_size * mine.size(0), *mine.shape[1:])[:total]
+
+    def take_bytes(self):
+        """The bytes moved since the last call."""
+        moved, self.bytes_moved = self.bytes_moved, 0
+        return moved

@@ -1,0 +1,109 @@
+"""Distributed optimizer steps (gloo, several processes) against the single-process step."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from optimizers import AdamWLion, Dion2, Muon, NorMuon
+
+# Five matrices of one shape (an uneven split over 2 or 3 ranks), two of another, a batch of
+# matrices, and a vector in an AdamW group.
+SHAPES = [(16, 24)] * 5 + [(24, 16)] * 2 + [(2, 8, 12)]
+CASES = {
+    "muon": (Muon, {"nesterov": True}),
+    "normuon": (NorMuon, {}),
+    "dion2_l1_quarter": (Dion2, {"fraction": 0.25}),
+    "dion2_l1_full": (Dion2, {"fraction": 1.0}),
+    "dion2_random": (Dion2, {"fraction": 0.5, "selection": "random"}),
+    "adamw_only": (AdamWLion, {}),
+}
+STEPS = 3
+
+
+def run_case(name, distributed_mesh=None):
+    """Build the case's parameters from a fixed seed, take STEPS steps; return the state."""
+    cls, kwargs = CASES[name]
+    gen = torch.Generator().manual_seed(0)
+    matrices = [torch.randn(s, generator=gen) for s in SHAPES]
+    vector = torch.randn(7, generator=gen)
+    groups = [{"params": matrices}, {"params": [vector], "algorithm": "adamw"}]
+    if cls is AdamWLion:
+        opt = cls(groups, lr=0.02)
+    else:
+        opt = cls(groups, lr=0.02, distributed_mesh=distributed_mesh, **kwargs)
+    for _ in range(STEPS):
+        for p in [*matrices, vector]:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    moved = opt.comm_bytes() if hasattr(opt, "comm_bytes") else 0
+    return {"params": [*matrices, vector], "state": opt.state_dict()["state"], "comm_bytes": moved}
+
+
+def worker(rank, world_size, init_file, names, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        for name in names:
+            result = run_case(name, distributed_mesh=dist.group.WORLD)
+            torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def distributed_results(request, tmp_path_factory):
+    world_size = request.param
+    out = tmp_path_factory.mktemp(f"ddp{world_size}")
+    mp.spawn(worker, args=(world_size, str(out / "init"), list(CASES), str(out)), nprocs=world_size)
+    return world_size, {
+        (name, rank): torch.load(out / f"{name}_{rank}.pt") for name in CASES for rank in range(world_size)
+    }
+
+
+def assert_same(a, b, atol):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key], atol)
+    elif isinstance(a, list | tuple):
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y, atol)
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    else:
+        assert a == b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_replicated_step_equals_single_process(distributed_results, name):
+    world_size, results = distributed_results
+    single = run_case(name)
+    for rank in range(world_size):
+        result = results[(name, rank)]
+        # The same batched kernels on a sub-stack give bit-equal results. NorMuon's row means
+        # reduce over the gathered (contiguous) stack instead of a transposed view, so its
+        # sums run in another order: equal to fp32 rounding.
+        atol = 1e-6 if name == "normuon" else 0
+        assert_same(result["params"], single["params"], atol=atol)
+        assert_same(result["state"], single["state"], atol=atol)
+
+
+@pytest.mark.slow
+def test_each_matrix_is_orthonormalized_once_and_dion2_moves_a_fraction(distributed_results):
+    world_size, results = distributed_results
+    muon = results[("muon", 0)]["comm_bytes"]
+    # Muon gathers every update once per step: buckets of 5 and 2 matrices and a batch of 2,
+    # padded to a multiple of the world size, of which a rank receives all but its own share.
+    shares = [-(-count // world_size) for count in (5, 2, 2)]
+    sizes = [16 * 24, 16 * 24, 8 * 12]
+    expected = STEPS * 4 * sum((world_size - 1) * s * n for s, n in zip(shares, sizes, strict=True))
+    assert muon == expected
+    quarter = results[("dion2_l1_quarter", 0)]["comm_bytes"]
+    full = results[("dion2_l1_full", 0)]["comm_bytes"]
+    assert full == muon  # fraction 1 orthonormalizes and moves all of every matrix
+    # Fraction 0.25 selects 4 of 16 slices (2 of 8 for the batch): a quarter of the bytes.
+    assert quarter * 4 == muon
+    assert results[("adamw_only", 0)]["comm_bytes"] == 0
