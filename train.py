@@ -4,6 +4,7 @@ Under torchrun, every rank runs this file and the batch is split over the ranks.
 """
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from training.checkpoint import (
 from training.config import ConfigError, load_config, to_dict, to_yaml
 from training.distributed import grad_sync, init_distributed, mean_over_ranks, shutdown, wrap_model
 from training.host_memory import keep_freed_memory
+from training.mesh import mesh_sizes
 from training.metrics import MetricsLogger
 from training.param_groups import (
     ParamGroupError,
@@ -59,6 +61,7 @@ def main(argv):
     # Config and all checks that need no work.
     cfg = load_config(argv)
     keep_freed_memory()
+    layout = mesh_sizes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     ctx = init_distributed(cfg.device)
     if cfg.batch_size % (cfg.device_batch_size * ctx.world_size):
         raise ConfigError(
@@ -97,6 +100,7 @@ def main(argv):
     )
     if ctx.is_main:
         print(to_yaml(cfg), end="")
+        print("layout dp x fs x tp = {} x {} x {} on {}".format(*layout, ctx.device))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 

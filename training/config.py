@@ -68,6 +68,10 @@ class TrainConfig:
     resume: str | None = None  # "auto" or a checkpoint path
     wandb_project: str | None = None
     sample_tokens: int = 64  # tokens of text sampled at the end; 0 = none
+    # parallelism: dp_size x fs_size x tp_size ranks; unset sizes are 1, none set = DDP on all ranks
+    dp_size: int | None = None
+    fs_size: int | None = None
+    tp_size: int | None = None
     # hardware
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
