@@ -10,15 +10,19 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data.loader import DataError, TokenLoader, ValidationData, find_shards
 from data.shards import EOT_TOKEN, ShardError
 from data.tokenizer import gpt2_encoding
 from models.gpt_model import GPT, GPTConfig
+from models.parallelize import apply_fsdp
 from training.checkpoint import (
     CheckpointError,
+    full_state,
     load_checkpoint,
+    load_full_state,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -27,7 +31,7 @@ from training.checkpoint import (
 from training.config import ConfigError, load_config, to_dict, to_yaml
 from training.distributed import grad_sync, init_distributed, mean_over_ranks, shutdown, wrap_model
 from training.host_memory import keep_freed_memory
-from training.mesh import mesh_sizes
+from training.mesh import build_mesh, fsdp_mesh, mesh_sizes
 from training.metrics import MetricsLogger
 from training.param_groups import (
     ParamGroupError,
@@ -63,6 +67,7 @@ def main(argv):
     keep_freed_memory()
     layout = mesh_sizes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     ctx = init_distributed(cfg.device)
+    mesh = build_mesh(layout, ctx.device.type)
     if cfg.batch_size % (cfg.device_batch_size * ctx.world_size):
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be a multiple of device_batch_size "
@@ -104,16 +109,18 @@ def main(argv):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    # Model: built without memory on the meta device, then materialised and initialised.
+    # Model: built without memory on the meta device, sharded, then materialised and initialised.
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     with torch.device("meta"):
         raw_model = GPT(GPTConfig(cfg.model_dim, cfg.n_layer, cfg.n_head, cfg.sequence_length))
+    if layout[1] > 1:
+        apply_fsdp(raw_model, fsdp_mesh(mesh), bf16_compute=use_bf16)
     raw_model.to_empty(device=ctx.device)
     raw_model.init_weights(cfg.seed)
     model = wrap_model(raw_model, ctx)
     if cfg.compile:
         model = torch.compile(model)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # Optimizer: one param group per parameter role; the matrices get the orthonormal algorithm.
     groups = build_param_groups(raw_model, cfg)
@@ -124,8 +131,7 @@ def main(argv):
     # Resume: weights, optimizer, data position and RNGs, so the run continues exactly.
     step = 0
     if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_full_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"])
         loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
@@ -143,16 +149,19 @@ def main(argv):
     )
 
     def save(step):
-        state = {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "loader": loader.state_dict(),
-            "rng": rng_state(),
-            "step": step,
-            "config": to_dict(cfg),
-            "wandb_id": logger.wandb_id,
-        }
-        save_checkpoint(run_dir, step, state, cfg.keep_checkpoints)
+        # Every rank helps gather the full state; rank 0 writes it, and any layout can load it.
+        model_state, optimizer_state = full_state(raw_model, optimizer)
+        if ctx.is_main:
+            state = {
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "loader": loader.state_dict(),
+                "rng": rng_state(),
+                "step": step,
+                "config": to_dict(cfg),
+                "wandb_id": logger.wandb_id,
+            }
+            save_checkpoint(run_dir, step, state, cfg.keep_checkpoints)
 
     # The loop: accumulate micro-batches, clip the gradient, step, evaluate, checkpoint.
     tokens_per_step = cfg.batch_size * cfg.sequence_length
@@ -167,6 +176,8 @@ def main(argv):
             (loss / accum_steps).backward()
             train_loss += loss.detach().float() / accum_steps
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        if isinstance(grad_norm, DTensor):  # the norm of sharded gradients, reduced over ranks
+            grad_norm = grad_norm.full_tensor()
         lr_scale = lr_multiplier(step, cfg.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
@@ -197,19 +208,20 @@ def main(argv):
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             if "val_loss" in record:
                 bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
-            if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                save(step)
+        if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            save(step)
     bar.close()
 
     if ctx.is_main:
         logger.close()
-        if cfg.sample_tokens:
-            encoding, _ = gpt2_encoding()
-            prompt = torch.tensor([[EOT_TOKEN]], device=ctx.device)
-            generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
-            with autocast:
-                sample = raw_model.generate(prompt, cfg.sample_tokens, top_k=200, generator=generator)
-            print(f"sample:\n{encoding.decode(sample[0, 1:].tolist())}")
+    if cfg.sample_tokens:
+        # Every rank samples the same tokens (sharded weights need all ranks); rank 0 prints.
+        prompt = torch.tensor([[EOT_TOKEN]], device=ctx.device)
+        generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
+        with autocast:
+            sample = raw_model.generate(prompt, cfg.sample_tokens, top_k=200, generator=generator)
+        if ctx.is_main:
+            print(f"sample:\n{gpt2_encoding()[0].decode(sample[0, 1:].tolist())}")
     shutdown(ctx)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 ROLES = ("matrix", "vector", "embedding", "lm_head")
 
@@ -147,7 +148,8 @@ class GPT(nn.Module):
     def init_weights(self, seed):
         """Initialise every parameter and buffer in place, deterministically for `seed`.
 
-        Values are drawn on the CPU in a fixed order, so they do not depend on the device.
+        Values are drawn on the CPU in a fixed order, so they depend neither on the device nor
+        on how the parameters are sharded.
         Hidden matrices are N(0, 1/fan_in); the output projections of each block and the
         lm_head start at zero (so the first loss is exactly ln(padded vocab)); the embedding
         is N(0, 1); norm gains are one.
@@ -165,7 +167,13 @@ class GPT(nn.Module):
                 value = torch.randn(param.shape, generator=generator)
             else:
                 value = torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[1])
-            param.copy_(value)
+            value = value.to(param.device)
+            # A sharded parameter takes its own shard of the same full tensor on every rank.
+            param.copy_(
+                distribute_tensor(value, param.device_mesh, param.placements)
+                if isinstance(param, DTensor)
+                else value
+            )
         cos, sin = rotary_tables(self.config.sequence_length, self.config.head_dim)
         self.rotary_cos.copy_(cos)
         self.rotary_sin.copy_(sin)

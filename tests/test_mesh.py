@@ -1,7 +1,13 @@
 """The DP x FSDP x TP layout checks, which run before any work."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
+from tests.conftest import REPO
 from tests.test_train import run_cli
 from training.config import ConfigError, load_config
 from training.mesh import mesh_sizes
@@ -18,6 +24,8 @@ def test_no_sizes_means_data_parallel_on_all_ranks():
 
 def test_unset_sizes_are_one():
     assert sizes(4, "--dp_size", "4") == (4, 1, 1)
+    assert sizes(4, "--fs_size", "2", "--dp_size", "2", "--optimizer", "adamw") == (2, 2, 1)
+    assert sizes(2, "--fs_size", "2", "--optimizer", "adamw") == (1, 2, 1)
 
 
 @pytest.mark.parametrize(
@@ -32,8 +40,8 @@ def test_unset_sizes_are_one():
             r"tp_size 5 must divide the padded vocabulary",
         ),
         (2, ["--dp_size", "0", "--fs_size", "2"], r"dp_size must be >= 1, got 0"),
-        (4, ["--fs_size", "2", "--dp_size", "2"], r"FSDP and tensor parallelism are not built yet"),
-        (2, ["--tp_size", "2"], r"FSDP and tensor parallelism are not built yet"),
+        (4, ["--fs_size", "2", "--dp_size", "2"], r"optimizer dion2 with fs_size 2: the sharded orthonormal"),
+        (2, ["--tp_size", "2"], r"tp_size 2: tensor parallelism is not built yet"),
     ],
 )
 def test_bad_layouts(world, argv, message):
@@ -51,3 +59,70 @@ def test_a_bad_layout_is_one_line_before_any_work(tmp_path):
         "error: dp_size x fs_size x tp_size = 2 x 1 x 1 = 2 must equal the world size 1"
     )
     assert not (tmp_path / "runs").exists()
+
+
+def torchrun(nproc, argv):
+    """Run train.py on `nproc` gloo ranks; return the completed process."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "train.py",
+            *argv,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_losses(records, reference):
+    """Train and val losses within 1e-4 relative: sharding only reorders float sums."""
+    assert [r["step"] for r in records] == [r["step"] for r in reference]
+    for a, b in zip(records, reference, strict=True):
+        for key in ("train_loss", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("nproc", "layout"),
+    [(2, ["--fs_size", "2"]), (4, ["--dp_size", "2", "--fs_size", "2"])],
+    ids=["fsdp2", "hsdp2x2"],
+)
+def test_fsdp_matches_one_process(tmp_path, nproc, layout):
+    from tests.conftest import run_train, train_argv
+
+    single = run_train(tmp_path, "single", num_iterations=4, device_batch_size=2)
+    argv = train_argv(tmp_path, "sharded", num_iterations=4, device_batch_size=2, sample_tokens=4)
+    result = torchrun(nproc, [*argv, *layout])
+    assert (tmp_path / "sharded" / "checkpoints" / "step_000004.pt").exists(), result.stderr[-3000:]
+    assert_close_losses(losses(tmp_path / "sharded"), single)
+    assert result.returncode == 0 and "sample:" in result.stdout  # sampling needs every rank
+
+
+@pytest.mark.slow
+def test_resume_across_layouts(tmp_path):
+    """Saved under FSDP on 2 ranks, resumed under DDP on 2 ranks and in one process."""
+    from tests.conftest import run_train, train_argv
+
+    settings = {"num_iterations": 8, "checkpoint_every": 4, "keep_checkpoints": 5}
+    reference = run_train(tmp_path, "reference", **settings)
+    result = torchrun(2, [*train_argv(tmp_path, "fsdp", **settings), "--fs_size", "2"])
+    saved = tmp_path / "fsdp" / "checkpoints" / "step_000004.pt"
+    assert saved.exists(), result.stderr[-3000:]
+    resumed = run_train(tmp_path, "single", resume=str(saved), **settings)
+    assert_close_losses(resumed, reference[4:])
+    result = torchrun(2, [*train_argv(tmp_path, "ddp", resume=str(saved), **settings), "--dp_size", "2"])
+    assert_close_losses(losses(tmp_path / "ddp"), reference[4:])

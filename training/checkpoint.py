@@ -8,6 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -43,6 +50,22 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state(model, optimizer):
+    """(model, optimizer) state dicts with full, unsharded tensors on the CPU, keyed by
+    parameter name: what any layout can load. Every rank must call it; rank 0 gets the dicts."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(
+        model, optimizer, options=options
+    )
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    """Load what `full_state` produced into a model and optimizer of any layout."""
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def save_checkpoint(run_dir, step, state, keep):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from training.config import ConfigError
 
@@ -72,16 +73,18 @@ def shutdown(ctx):
 
 
 def wrap_model(model, ctx):
-    """Wrap the model for data parallelism when there is more than one rank."""
-    if ctx.world_size == 1:
+    """Wrap the model for DDP when there is more than one rank and FSDP does not shard it."""
+    if ctx.world_size == 1 or isinstance(model, FSDPModule):
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def grad_sync(model, sync):
-    """A context for one micro-batch's backward: gradients are all-reduced only when `sync`,
-    so they sync once per optimizer step rather than once per micro-batch."""
-    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    """A context for one micro-batch's backward: gradients are reduced only when `sync`, so
+    they sync once per optimizer step rather than once per micro-batch (DDP and FSDP)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    elif not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()

@@ -1,5 +1,7 @@
 """The DP x FSDP x TP layout: sizes from the config, checked against the world and the model."""
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from models.gpt_model import GPTConfig
 from training.config import ConfigError
 
@@ -26,9 +28,23 @@ def mesh_sizes(cfg, world_size):
     for name, size in (("n_head", cfg.n_head), ("padded vocabulary", model.padded_vocab_size)):
         if size % tp:
             raise ConfigError(f"tp_size {tp} must divide the {name} ({size})")
-    if fs > 1 or tp > 1:
+    if tp > 1:
+        raise ConfigError(f"tp_size {tp}: tensor parallelism is not built yet; use dp_size and fs_size")
+    if fs > 1 and cfg.optimizer != "adamw":
         raise ConfigError(
-            f"fs_size {fs} and tp_size {tp}: FSDP and tensor parallelism are not built yet; "
-            "only data parallelism (dp_size) runs today"
+            f"optimizer {cfg.optimizer} with fs_size {fs}: the sharded orthonormal optimizers are not "
+            "built yet; use optimizer adamw with FSDP, or dp_size alone"
         )
     return dp, fs, tp
+
+
+def build_mesh(layout, device_type):
+    """The ("dp", "fs", "tp") DeviceMesh of a layout, or None in a single process."""
+    if layout == (1, 1, 1):
+        return None
+    return init_device_mesh(device_type, layout, mesh_dim_names=("dp", "fs", "tp"))
+
+
+def fsdp_mesh(mesh):
+    """The mesh FSDP shards over: fs, or dp x fs (HSDP) when there are also replicas."""
+    return mesh["dp", "fs"] if mesh["dp"].size() > 1 else mesh["fs"]
