@@ -31,7 +31,7 @@ from training.checkpoint import (
 from training.config import ConfigError, load_config, to_dict, to_yaml
 from training.distributed import grad_sync, init_distributed, mean_over_ranks, shutdown, wrap_model
 from training.host_memory import keep_freed_memory
-from training.mesh import build_mesh, fsdp_mesh, mesh_sizes
+from training.mesh import build_mesh, fsdp_mesh, mesh_sizes, optimizer_mesh
 from training.metrics import MetricsLogger
 from training.param_groups import (
     ParamGroupError,
@@ -124,7 +124,7 @@ def main(argv):
 
     # Optimizer: one param group per parameter role; the matrices get the orthonormal algorithm.
     groups = build_param_groups(raw_model, cfg)
-    optimizer = build_optimizer(groups, cfg, ctx.group)
+    optimizer = build_optimizer(groups, cfg, optimizer_mesh(mesh, ctx))
     if ctx.is_main:
         print("\n".join(describe_param_groups(groups)))
 

@@ -41,6 +41,21 @@ class Communicator:
         self.bytes_moved += (self.world_size - 1) * mine.numel() * mine.element_size()
         return out.view(self.world_size * mine.size(0), *mine.shape[1:])[:total]
 
+    def exchange(self, outgoing, incoming_numel, dtype, device):
+        """All-to-all: send outgoing[s] (a list of tensors) to rank s; receive incoming_numel[s]
+        elements from rank s. Returns the received flat pieces, one per source rank.
+
+        One `all_to_all_single` on flat buffers with split sizes, which gloo accepts even when
+        the pieces differ in size.
+        """
+        send_sizes = [sum(t.numel() for t in pieces) for pieces in outgoing]
+        flat = [t.reshape(-1).to(dtype) for pieces in outgoing for t in pieces]
+        send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+        received = torch.empty(sum(incoming_numel), dtype=dtype, device=device)
+        dist.all_to_all_single(received, send, incoming_numel, send_sizes, group=self.group)
+        self.bytes_moved += (sum(incoming_numel) - incoming_numel[self.rank]) * received.element_size()
+        return list(received.split(incoming_numel))
+
     def take_bytes(self):
         """The bytes moved since the last call."""
         moved, self.bytes_moved = self.bytes_moved, 0

@@ -61,13 +61,16 @@ class MatrixOptimizer(ScalarOptimizer):
         super().__init__(params, defaults)
         group = process_group(distributed_mesh)
         self.comm = Communicator(group) if group is not None else None
-        if self.comm is not None:
-            for p in self._matrix_params():
-                if isinstance(p, DTensor):
-                    raise NotImplementedError(
-                        f"{type(self).__name__}: sharded (DTensor) parameters are not supported yet; "
-                        "distributed_mesh serves replicated parameters (DDP)"
-                    )
+        for p in self._matrix_params():
+            if isinstance(p, DTensor) and not self._shards_supported(p):
+                raise NotImplementedError(
+                    f"{type(self).__name__}: this sharding of a parameter is not supported yet "
+                    f"({p.ndim}-D, placements {p.placements})"
+                )
+
+    def _shards_supported(self, p):
+        """Whether the algorithm handles this DTensor: Muon does 2-D row-sharded (FSDP) matrices."""
+        return False
 
     def _matrix_params(self):
         return [p for g in self.param_groups if g["algorithm"] == self.algorithm_name() for p in g["params"]]
@@ -105,6 +108,44 @@ class MatrixOptimizer(ScalarOptimizer):
             buckets.setdefault((matrix_shape(p, flatten), p.dtype, p.device), []).append(p)
         for bucket in buckets.values():
             self._update_bucket(group, bucket)
+
+    def _orthonormalize_row_shards(self, group, shards, shape):
+        """Newton-Schulz of full matrices of `shape` (m, n) whose rows are sharded over the ranks
+        of distributed_mesh as FSDP shards them (chunks of ceil(m / world) rows). `shards` are
+        this rank's local rows, one per matrix; returns this rank's rows of each result.
+
+        Matrix i is owned by rank i % world. One all-to-all brings each owner the rows of its
+        matrices, the owner orthonormalizes whole matrices, and a second all-to-all returns
+        every rank its rows, so no matrix is orthonormalized twice.
+        """
+        comm, (m, n) = self.comm, shape
+        world, rank, count = comm.world_size, comm.rank, len(shards)
+        chunk = math.ceil(m / world)
+        rows = [max(0, min(chunk, m - s * chunk)) for s in range(world)]
+        owned = [list(range(o, count, world)) for o in range(world)]
+        dtype = group.get("ns_dtype") or default_ns_dtype(shards[0].device)
+        device, out_dtype = shards[0].device, shards[0].dtype
+        pieces = comm.exchange(
+            [[shards[i] for i in owned[o]] for o in range(world)],
+            [len(owned[rank]) * rows[s] * n for s in range(world)],
+            out_dtype,
+            device,
+        )
+        # Piece s holds rank s's rows of each of my matrices, in order: stack them into whole ones.
+        full = torch.cat([piece.view(len(owned[rank]), rows[s], n) for s, piece in enumerate(pieces)], dim=1)
+        ortho = newton_schulz(full, group["use_polar_express"], dtype, out_dtype=dtype) if len(full) else full
+        starts = [s * chunk for s in range(world)]
+        back = comm.exchange(
+            [[ortho[:, starts[s] : starts[s] + rows[s]]] for s in range(world)],
+            [len(owned[o]) * rows[rank] * n for o in range(world)],
+            dtype,
+            device,
+        )
+        result = [None] * count
+        for o, piece in enumerate(back):
+            for j, block in zip(owned[o], piece.view(len(owned[o]), rows[rank], n), strict=True):
+                result[j] = block.to(out_dtype)
+        return result
 
     def _orthonormalize(self, group, stacked):
         """Newton-Schulz of a stack (B, m, n) of same-shape matrices, in the stack's dtype.

@@ -1,6 +1,7 @@
 """Muon: momentum, then Newton-Schulz orthonormalization of each matrix's update."""
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
 
@@ -54,19 +55,34 @@ class Muon(MatrixOptimizer):
         """Hook for variants: the update from the orthonormalized matrices (batch, m, n)."""
         return matrices
 
+    def _shards_supported(self, p):
+        placements = p.placements
+        return (
+            p.ndim == 2
+            and self.comm is not None
+            and sum(pl == Shard(0) for pl in placements) == 1
+            and all(pl == Shard(0) or pl == Replicate() for pl in placements)
+            and p.device_mesh.size(placements.index(Shard(0))) == self.comm.world_size
+        )
+
     def _update_bucket(self, group, params):
-        grads = [p.grad for p in params]
+        # A sharded bucket works on this rank's rows: in-place updates of the local tensors
+        # are updates of the shards.
+        sharded = isinstance(params[0], DTensor)
+        local = DTensor.to_local if sharded else (lambda t: t)
+        grads = [local(p.grad) for p in params]
         states = [self.state[p] for p in params]
-        momenta = [s["momentum"] for s in states]
+        momenta = [local(s["momentum"]) for s in states]
         torch._foreach_mul_(momenta, group["mu"])
         torch._foreach_add_(momenta, grads)
         inputs = torch._foreach_add(grads, momenta, alpha=group["mu"]) if group["nesterov"] else momenta
         flatten = group["flatten"]
-        stacked = torch.cat([as_matrices(u, flatten) for u in inputs])
-        ortho = self._orthonormalize(group, stacked)
-        ortho = self._orthonormalized(group, params, states, ortho)
-        updates = [
-            u.view_as(p)
-            for u, p in zip(ortho.split([len(as_matrices(p, flatten)) for p in params]), params, strict=True)
-        ]
-        self._apply(group, params, updates, lr_scale(group["adjust_lr"], *matrix_shape(params[0], flatten)))
+        shape = matrix_shape(params[0], flatten)
+        if sharded:
+            updates = self._orthonormalize_row_shards(group, inputs, shape)
+        else:
+            stacked = torch.cat([as_matrices(u, flatten) for u in inputs])
+            ortho = self._orthonormalized(group, params, states, self._orthonormalize(group, stacked))
+            counts = [len(as_matrices(p, flatten)) for p in params]
+            updates = [u.view_as(p) for u, p in zip(ortho.split(counts), params, strict=True)]
+        self._apply(group, [local(p) for p in params], updates, lr_scale(group["adjust_lr"], *shape))

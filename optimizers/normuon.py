@@ -13,6 +13,9 @@ class NorMuon(Muon):
     def __init__(self, params, *args, muon_beta2=0.95, **kwargs):
         super().__init__(params, *args, muon_beta2=muon_beta2, **kwargs)
 
+    def _shards_supported(self, p):
+        return False  # its Frobenius rescale needs whole rows: not on shards yet
+
     def _check_matrix_group(self, group):
         super()._check_matrix_group(group)
         if not 0 <= group["muon_beta2"] < 1:

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from optimizers import AdamWLion, Dion2, Muon, NorMuon
 
@@ -107,3 +109,48 @@ def test_each_matrix_is_orthonormalized_once_and_dion2_moves_a_fraction(distribu
     # Fraction 0.25 selects 4 of 16 slices (2 of 8 for the batch): a quarter of the bytes.
     assert quarter * 4 == muon
     assert results[("adamw_only", 0)]["comm_bytes"] == 0
+
+
+# Row-sharded (FSDP's Shard(0)) matrices: uneven chunks, and a 2-row matrix that leaves one of
+# three ranks an empty shard.
+SHARDED_SHAPES = [(16, 24)] * 5 + [(24, 16)] * 2 + [(2, 12)]
+
+
+def run_sharded_muon(mesh=None):
+    gen = torch.Generator().manual_seed(1)
+    fulls = [torch.randn(s, generator=gen) for s in SHARDED_SHAPES]
+    grads = [[torch.randn(s, generator=gen) for s in SHARDED_SHAPES] for _ in range(STEPS)]
+    shard = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if mesh is not None else (lambda t: t)
+    params = [shard(f) for f in fulls]
+    opt = Muon(params, lr=0.02, nesterov=True, distributed_mesh=mesh)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = shard(g)
+        opt.step()
+    full = (lambda t: t.full_tensor()) if mesh is not None else (lambda t: t)
+    return {
+        "params": [full(p) for p in params],
+        "momentum": [full(opt.state[p]["momentum"]) for p in params],
+        "comm_bytes": opt.comm_bytes(),
+    }
+
+
+def sharded_worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fs",))
+        torch.save(run_sharded_muon(mesh), os.path.join(out_dir, f"sharded_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_row_sharded_muon_equals_single_process(tmp_path, world_size):
+    mp.spawn(sharded_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size)
+    single = run_sharded_muon()
+    for rank in range(world_size):
+        result = torch.load(tmp_path / f"sharded_{rank}.pt")
+        assert_same(result["params"], single["params"], atol=0)
+        assert_same(result["momentum"], single["momentum"], atol=0)
+        assert result["comm_bytes"] > 0

@@ -40,7 +40,16 @@ def test_unset_sizes_are_one():
             r"tp_size 5 must divide the padded vocabulary",
         ),
         (2, ["--dp_size", "0", "--fs_size", "2"], r"dp_size must be >= 1, got 0"),
-        (4, ["--fs_size", "2", "--dp_size", "2"], r"optimizer dion2 with fs_size 2: the sharded orthonormal"),
+        (
+            4,
+            ["--fs_size", "2", "--dp_size", "2"],
+            r"optimizer dion2 with fs_size 2: not on sharded weights yet",
+        ),
+        (
+            2,
+            ["--fs_size", "2", "--optimizer", "normuon"],
+            r"optimizer normuon with fs_size 2: not on sharded",
+        ),
         (2, ["--tp_size", "2"], r"tp_size 2: tensor parallelism is not built yet"),
     ],
 )
@@ -97,15 +106,20 @@ def assert_close_losses(records, reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("nproc", "layout"),
-    [(2, ["--fs_size", "2"]), (4, ["--dp_size", "2", "--fs_size", "2"])],
-    ids=["fsdp2", "hsdp2x2"],
+    ("nproc", "layout", "options"),
+    [
+        (2, ["--fs_size", "2"], {}),
+        (4, ["--dp_size", "2", "--fs_size", "2"], {}),
+        (2, ["--fs_size", "2"], {"optimizer": "muon", "lr": 0.02, "scalar_lr": 0.01}),
+        (4, ["--dp_size", "2", "--fs_size", "2"], {"optimizer": "muon", "lr": 0.02, "scalar_lr": 0.01}),
+    ],
+    ids=["fsdp2-adamw", "hsdp2x2-adamw", "fsdp2-muon", "hsdp2x2-muon"],
 )
-def test_fsdp_matches_one_process(tmp_path, nproc, layout):
+def test_fsdp_matches_one_process(tmp_path, nproc, layout, options):
     from tests.conftest import run_train, train_argv
 
-    single = run_train(tmp_path, "single", num_iterations=4, device_batch_size=2)
-    argv = train_argv(tmp_path, "sharded", num_iterations=4, device_batch_size=2, sample_tokens=4)
+    single = run_train(tmp_path, "single", num_iterations=4, device_batch_size=2, **options)
+    argv = train_argv(tmp_path, "sharded", num_iterations=4, device_batch_size=2, sample_tokens=4, **options)
     result = torchrun(nproc, [*argv, *layout])
     assert (tmp_path / "sharded" / "checkpoints" / "step_000004.pt").exists(), result.stderr[-3000:]
     assert_close_losses(losses(tmp_path / "sharded"), single)

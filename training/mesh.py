@@ -5,6 +5,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from models.gpt_model import GPTConfig
 from training.config import ConfigError
 
+# The optimizers that run on FSDP-sharded weights so far.
+SHARDED_OPTIMIZERS = ("muon", "adamw")
+
 
 def mesh_sizes(cfg, world_size):
     """(dp, fs, tp) for `world_size` ranks, or a ConfigError before any work starts.
@@ -30,10 +33,10 @@ def mesh_sizes(cfg, world_size):
             raise ConfigError(f"tp_size {tp} must divide the {name} ({size})")
     if tp > 1:
         raise ConfigError(f"tp_size {tp}: tensor parallelism is not built yet; use dp_size and fs_size")
-    if fs > 1 and cfg.optimizer != "adamw":
+    if fs > 1 and cfg.optimizer not in SHARDED_OPTIMIZERS:
         raise ConfigError(
-            f"optimizer {cfg.optimizer} with fs_size {fs}: the sharded orthonormal optimizers are not "
-            "built yet; use optimizer adamw with FSDP, or dp_size alone"
+            f"optimizer {cfg.optimizer} with fs_size {fs}: not on sharded weights yet; use "
+            f"{' or '.join(SHARDED_OPTIMIZERS)} with FSDP, or dp_size alone"
         )
     return dp, fs, tp
 
@@ -48,3 +51,11 @@ def build_mesh(layout, device_type):
 def fsdp_mesh(mesh):
     """The mesh FSDP shards over: fs, or dp x fs (HSDP) when there are also replicas."""
     return mesh["dp", "fs"] if mesh["dp"].size() > 1 else mesh["fs"]
+
+
+def optimizer_mesh(mesh, ctx):
+    """What the matrix optimizers exchange over: the fs mesh when weights are sharded, else
+    the data-parallel group of all ranks (None in one process)."""
+    if mesh is not None and mesh["fs"].size() > 1:
+        return mesh["fs"]
+    return ctx.group

@@ -92,8 +92,8 @@ def describe_param_groups(groups):
 def build_optimizer(groups, cfg, distributed_mesh=None):
     """The optimizer of `cfg.optimizer` over `groups`, with the config's hyperparameters.
 
-    `distributed_mesh` (the data-parallel process group) lets Muon, NorMuon and Dion2 split
-    the orthonormalization of replicated matrices over the ranks.
+    `distributed_mesh` lets Muon, NorMuon and Dion2 split the orthonormalization of
+    replicated matrices over the data-parallel ranks, and Muon exchange FSDP-sharded rows.
     """
     common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     muon_like = {
