@@ -1,6 +1,7 @@
 """Shared fixtures: small shard folders and a helper that runs train.py in-process."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +67,24 @@ def run_train(runs_dir, run_name, **overrides):
 def python():
     """The interpreter running the tests, for subprocesses."""
     return sys.executable
+
+
+def torchrun(nproc, argv):
+    """Run train.py on `nproc` gloo ranks; return the completed process."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "train.py",
+            *argv,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )

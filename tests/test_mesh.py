@@ -1,13 +1,10 @@
 """The DP x FSDP x TP layout checks, which run before any work."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import torchrun
 from tests.test_train import run_cli
 from training.config import ConfigError, load_config
 from training.mesh import mesh_sizes
@@ -68,27 +65,6 @@ def test_a_bad_layout_is_one_line_before_any_work(tmp_path):
         "error: dp_size x fs_size x tp_size = 2 x 1 x 1 = 2 must equal the world size 1"
     )
     assert not (tmp_path / "runs").exists()
-
-
-def torchrun(nproc, argv):
-    """Run train.py on `nproc` gloo ranks; return the completed process."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            "train.py",
-            *argv,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
 
 
 def losses(run_dir):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, make_shards, run_train, train_argv
+from tests.conftest import REPO, make_shards, run_train, torchrun, train_argv
 from training.checkpoint import list_checkpoints, load_checkpoint
 
 COMPARED = ("train_loss", "val_loss", "lr", "grad_norm", "tokens")
@@ -217,23 +217,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_two_process_ddp_matches_one_process(tmp_path, options):
     single = run_train(tmp_path, "single", num_iterations=5, **options)
     args = train_argv(tmp_path, "ddp", num_iterations=5, **options)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "train.py",
-            *args,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = torchrun(2, args)
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5], result.stderr[-2000:]
     for a, b in zip(single, records, strict=True):
