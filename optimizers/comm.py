@@ -41,6 +41,12 @@ class Communicator:
         self.bytes_moved += (self.world_size - 1) * mine.numel() * mine.element_size()
         return out.view(self.world_size * mine.size(0), *mine.shape[1:])[:total]
 
+    def all_reduce_sum(self, tensor):
+        """Sum `tensor` over the ranks, in place."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        self.bytes_moved += (self.world_size - 1) * tensor.numel() * tensor.element_size()
+        return tensor
+
     def exchange(self, outgoing, incoming_numel, dtype, device):
         """All-to-all: send outgoing[s] (a list of tensors) to rank s; receive incoming_numel[s]
         elements from rank s. Returns the received flat pieces, one per source rank.

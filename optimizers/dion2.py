@@ -4,6 +4,7 @@ the momentum's rows (or columns, along the shorter side), and decay only those."
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
 
@@ -100,7 +101,116 @@ class Dion2(MatrixOptimizer):
             indices = indices.to(slices.device)
         return indices.sort(dim=-1).values
 
+    def _shards_supported(self, p):
+        return self._row_sharded(p)
+
+    def _random_slices(self, group, p, step, count, k, salt=()):
+        generator = torch.Generator().manual_seed(hash((group["seed"], self._index[p], step, *salt)) % 2**63)
+        return torch.randperm(count, generator=generator)[:k].sort().values
+
+    def _record_selection(self, state, indices, step):
+        """Diagnostics: indices (batch, k) of the slices selected at `step`."""
+        waited = step - 1 - state["last_selected"].gather(1, indices)
+        state["longest_wait"] = torch.maximum(state["longest_wait"], waited.max())
+        state["last_selected"].scatter_(1, indices, step)
+
+    def _update_row_sharded(self, group, params):
+        """Dion2 on matrices whose rows FSDP shards over distributed_mesh.
+
+        Rows as slices (m <= n): with selection_scope "local" each rank selects
+        ceil(fraction x its rows) of its own rows; "global" selects the top k of the whole
+        matrix (row norms are gathered). Columns as slices (m > n): every rank must take the
+        same columns, so the column norms are summed over the ranks and the scope is global.
+        Only the selected rows or columns are exchanged and orthonormalized.
+        """
+        comm, mu, fraction = self.comm, group["ef_decay"], group["fraction"]
+        m, n = matrix_shape(params[0], False)
+        rows = self.fsdp_rows(m)
+        start = sum(rows[: comm.rank])
+        weights = [p.to_local() for p in params]
+        states = [self.state[p] for p in params]
+        momenta = [s["momentum"].to_local() for s in states]
+        torch._foreach_add_(momenta, [p.grad.to_local() for p in params])
+        steps = []
+        for state in states:
+            state["step"] += 1
+            steps.append(int(state["step"]))
+        by_rows = m <= n
+        l1 = group["selection"] == "l1"
+        if by_rows and group["selection_scope"] == "local":
+            ks = [num_selected(fraction, r) for r in rows]
+            k_mine = ks[comm.rank]
+            if l1:
+                local = [
+                    torch.linalg.vector_norm(mom, ord=1, dim=1)
+                    .topk(k_mine, sorted=False)
+                    .indices.sort()
+                    .values
+                    for mom in momenta
+                ]
+            else:
+                local = [
+                    self._random_slices(group, p, t, rows[comm.rank], k_mine, (comm.rank,)).to(mom.device)
+                    for p, t, mom in zip(params, steps, momenta, strict=True)
+                ]
+            counts = [ks] * len(params)
+            # Every rank learns every rank's choice, so the diagnostics agree everywhere.
+            padded = torch.zeros(len(params), max(ks), dtype=torch.int64, device=momenta[0].device)
+            for x, idx in enumerate(local):
+                padded[x, : len(idx)] = idx + start
+            gathered = comm.all_gather_stack(padded.T.contiguous(), comm.world_size * max(ks))
+            chosen = [
+                torch.cat([gathered[s * max(ks) : s * max(ks) + ks[s], x] for s in range(len(ks))])
+                for x in range(len(params))
+            ]
+        else:
+            slices = m if by_rows else n
+            k = num_selected(fraction, slices)
+            if l1 and by_rows:
+                norms = torch.zeros(max(rows), len(params), device=momenta[0].device)
+                norms[: rows[comm.rank]] = torch.stack(
+                    [torch.linalg.vector_norm(mom, ord=1, dim=1) for mom in momenta], dim=1
+                )
+                gathered = comm.all_gather_stack(norms, comm.world_size * max(rows))
+                full = torch.cat([gathered[s * max(rows) : s * max(rows) + r] for s, r in enumerate(rows)])
+                chosen = [full[:, x].topk(k, sorted=False).indices.sort().values for x in range(len(params))]
+            elif l1:
+                norms = comm.all_reduce_sum(
+                    torch.stack([torch.linalg.vector_norm(mom, ord=1, dim=0) for mom in momenta])
+                )
+                chosen = [norms[x].topk(k, sorted=False).indices.sort().values for x in range(len(params))]
+            else:
+                chosen = [
+                    self._random_slices(group, p, t, slices, k).to(momenta[0].device)
+                    for p, t in zip(params, steps, strict=True)
+                ]
+            if by_rows:
+                local = [c[(c >= start) & (c < start + rows[comm.rank])] - start for c in chosen]
+                counts = [
+                    [int(((c >= sum(rows[:s])) & (c < sum(rows[: s + 1]))).sum()) for s in range(len(rows))]
+                    for c in chosen
+                ]
+            else:
+                counts = [rows] * len(params)
+        dim = 0 if by_rows else 1
+        index = local if by_rows else chosen
+        selected = [mom.index_select(dim, idx) for mom, idx in zip(momenta, index, strict=True)]
+        ortho = self._orthonormalize_row_shards(group, selected, counts)
+        for state, c, t in zip(states, chosen, steps, strict=True):
+            self._record_selection(state, c.unsqueeze(0), t)
+        if group["decay"] == "full":
+            torch._foreach_mul_(momenta, mu)
+        else:
+            for mom, idx, sub in zip(momenta, index, selected, strict=True):
+                mom.index_copy_(dim, idx, sub.mul_(mu))
+        torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
+        step_size = -group["lr"] * lr_scale(group["adjust_lr"], m, n)
+        for w, idx, update in zip(weights, index, ortho, strict=True):
+            w.index_add_(dim, idx, update.mul_(step_size))
+
     def _update_bucket(self, group, params):
+        if isinstance(params[0], DTensor):
+            return self._update_row_sharded(group, params)
         flatten, mu = group["flatten"], group["ef_decay"]
         states = [self.state[p] for p in params]
         momenta = [s["momentum"] for s in states]
@@ -115,9 +225,7 @@ class Dion2(MatrixOptimizer):
             index = indices.unsqueeze(-1).expand(-1, -1, slices.size(-1))
             chosen.append(index)
             selected.append(slices.gather(1, index))
-            waited = step - 1 - state["last_selected"].gather(1, indices)
-            state["longest_wait"] = torch.maximum(state["longest_wait"], waited.max())
-            state["last_selected"].scatter_(1, indices, step)
+            self._record_selection(state, indices, step)
 
         ortho = self._orthonormalize(group, torch.cat(selected))
 

@@ -8,7 +8,7 @@ algorithm's `_update_bucket`. The bucket is the unit that distributed runs parti
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from optimizers.comm import Communicator, process_group
 from optimizers.newton_schulz import newton_schulz
@@ -69,8 +69,19 @@ class MatrixOptimizer(ScalarOptimizer):
                 )
 
     def _shards_supported(self, p):
-        """Whether the algorithm handles this DTensor: Muon does 2-D row-sharded (FSDP) matrices."""
+        """Whether the algorithm handles this DTensor parameter (none by default)."""
         return False
+
+    def _row_sharded(self, p):
+        """Whether p is a matrix sharded by rows over distributed_mesh, as FSDP shards it."""
+        placements = p.placements
+        return (
+            p.ndim == 2
+            and self.comm is not None
+            and sum(pl == Shard(0) for pl in placements) == 1
+            and all(pl == Shard(0) or pl == Replicate() for pl in placements)
+            and p.device_mesh.size(placements.index(Shard(0))) == self.comm.world_size
+        )
 
     def _matrix_params(self):
         return [p for g in self.param_groups if g["algorithm"] == self.algorithm_name() for p in g["params"]]
@@ -109,42 +120,61 @@ class MatrixOptimizer(ScalarOptimizer):
         for bucket in buckets.values():
             self._update_bucket(group, bucket)
 
-    def _orthonormalize_row_shards(self, group, shards, shape):
-        """Newton-Schulz of full matrices of `shape` (m, n) whose rows are sharded over the ranks
-        of distributed_mesh as FSDP shards them (chunks of ceil(m / world) rows). `shards` are
-        this rank's local rows, one per matrix; returns this rank's rows of each result.
+    def fsdp_rows(self, m):
+        """The rows of an m-row matrix that each rank holds under FSDP: chunks of ceil(m / world)."""
+        world = self.comm.world_size
+        chunk = math.ceil(m / world)
+        return [max(0, min(chunk, m - s * chunk)) for s in range(world)]
+
+    def _orthonormalize_row_shards(self, group, shards, counts):
+        """Newton-Schulz of whole matrices whose rows are spread over the ranks of
+        distributed_mesh. shards[i] holds this rank's rows of matrix i, and counts[i][s] is how
+        many rows of matrix i rank s holds (every rank knows all counts). Every matrix has the
+        same total rows and width. Returns this rank's rows of each result.
 
         Matrix i is owned by rank i % world. One all-to-all brings each owner the rows of its
-        matrices, the owner orthonormalizes whole matrices, and a second all-to-all returns
-        every rank its rows, so no matrix is orthonormalized twice.
+        matrices, in rank order; the owner orthonormalizes whole matrices; a second all-to-all
+        returns every rank its rows. No matrix is orthonormalized twice.
         """
-        comm, (m, n) = self.comm, shape
-        world, rank, count = comm.world_size, comm.rank, len(shards)
-        chunk = math.ceil(m / world)
-        rows = [max(0, min(chunk, m - s * chunk)) for s in range(world)]
-        owned = [list(range(o, count, world)) for o in range(world)]
+        comm = self.comm
+        world, rank, total = comm.world_size, comm.rank, len(shards)
+        n, height = shards[0].size(-1), sum(counts[0])
+        owned = [list(range(o, total, world)) for o in range(world)]
+        mine = owned[rank]
         dtype = group.get("ns_dtype") or default_ns_dtype(shards[0].device)
         device, out_dtype = shards[0].device, shards[0].dtype
         pieces = comm.exchange(
             [[shards[i] for i in owned[o]] for o in range(world)],
-            [len(owned[rank]) * rows[s] * n for s in range(world)],
+            [sum(counts[j][s] for j in mine) * n for s in range(world)],
             out_dtype,
             device,
         )
-        # Piece s holds rank s's rows of each of my matrices, in order: stack them into whole ones.
-        full = torch.cat([piece.view(len(owned[rank]), rows[s], n) for s, piece in enumerate(pieces)], dim=1)
-        ortho = newton_schulz(full, group["use_polar_express"], dtype, out_dtype=dtype) if len(full) else full
-        starts = [s * chunk for s in range(world)]
+        parts = [piece.split([counts[j][s] * n for j in mine]) for s, piece in enumerate(pieces)]
+        full = (
+            torch.stack(
+                [
+                    torch.cat([parts[s][x].view(counts[j][s], n) for s in range(world)])
+                    for x, j in enumerate(mine)
+                ]
+            )
+            if mine
+            else shards[0].new_empty(0, height, n)
+        )
+        ortho = newton_schulz(full, group["use_polar_express"], dtype, out_dtype=dtype) if mine else full
+        starts = [[sum(counts[j][:s]) for s in range(world)] for j in mine]
         back = comm.exchange(
-            [[ortho[:, starts[s] : starts[s] + rows[s]]] for s in range(world)],
-            [len(owned[o]) * rows[rank] * n for o in range(world)],
+            [
+                [ortho[x, starts[x][s] : starts[x][s] + counts[j][s]] for x, j in enumerate(mine)]
+                for s in range(world)
+            ],
+            [sum(counts[i][rank] for i in owned[o]) * n for o in range(world)],
             dtype,
             device,
         )
-        result = [None] * count
+        result = [None] * total
         for o, piece in enumerate(back):
-            for j, block in zip(owned[o], piece.view(len(owned[o]), rows[rank], n), strict=True):
-                result[j] = block.to(out_dtype)
+            for i, block in zip(owned[o], piece.split([counts[i][rank] * n for i in owned[o]]), strict=True):
+                result[i] = block.view(counts[i][rank], n).to(out_dtype)
         return result
 
     def _orthonormalize(self, group, stacked):

@@ -1,7 +1,7 @@
 """Muon: momentum, then Newton-Schulz orthonormalization of each matrix's update."""
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
 
@@ -56,14 +56,7 @@ class Muon(MatrixOptimizer):
         return matrices
 
     def _shards_supported(self, p):
-        placements = p.placements
-        return (
-            p.ndim == 2
-            and self.comm is not None
-            and sum(pl == Shard(0) for pl in placements) == 1
-            and all(pl == Shard(0) or pl == Replicate() for pl in placements)
-            and p.device_mesh.size(placements.index(Shard(0))) == self.comm.world_size
-        )
+        return self._row_sharded(p)
 
     def _update_bucket(self, group, params):
         # A sharded bucket works on this rank's rows: in-place updates of the local tensors
@@ -79,7 +72,8 @@ class Muon(MatrixOptimizer):
         flatten = group["flatten"]
         shape = matrix_shape(params[0], flatten)
         if sharded:
-            updates = self._orthonormalize_row_shards(group, inputs, shape)
+            rows = self.fsdp_rows(shape[0])
+            updates = self._orthonormalize_row_shards(group, inputs, [rows] * len(inputs))
         else:
             stacked = torch.cat([as_matrices(u, flatten) for u in inputs])
             ortho = self._orthonormalized(group, params, states, self._orthonormalize(group, stacked))

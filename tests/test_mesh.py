@@ -39,8 +39,8 @@ def test_unset_sizes_are_one():
         (2, ["--dp_size", "0", "--fs_size", "2"], r"dp_size must be >= 1, got 0"),
         (
             4,
-            ["--fs_size", "2", "--dp_size", "2"],
-            r"optimizer dion2 with fs_size 2: not on sharded weights yet",
+            ["--fs_size", "2", "--dp_size", "2", "--optimizer", "dion"],
+            r"optimizer dion with fs_size 2: not on sharded weights yet",
         ),
         (
             2,
@@ -88,8 +88,13 @@ def assert_close_losses(records, reference):
         (4, ["--dp_size", "2", "--fs_size", "2"], {}),
         (2, ["--fs_size", "2"], {"optimizer": "muon", "lr": 0.02, "scalar_lr": 0.01}),
         (4, ["--dp_size", "2", "--fs_size", "2"], {"optimizer": "muon", "lr": 0.02, "scalar_lr": 0.01}),
+        (
+            2,
+            ["--fs_size", "2"],
+            {"optimizer": "dion2", "selection_scope": "global", "lr": 0.02, "scalar_lr": 0.01},
+        ),
     ],
-    ids=["fsdp2-adamw", "hsdp2x2-adamw", "fsdp2-muon", "hsdp2x2-muon"],
+    ids=["fsdp2-adamw", "hsdp2x2-adamw", "fsdp2-muon", "hsdp2x2-muon", "fsdp2-dion2-global"],
 )
 def test_fsdp_matches_one_process(tmp_path, nproc, layout, options):
     from tests.conftest import run_train, train_argv

@@ -6,7 +6,7 @@ from models.gpt_model import GPTConfig
 from training.config import ConfigError
 
 # The optimizers that run on FSDP-sharded weights so far.
-SHARDED_OPTIMIZERS = ("muon", "adamw")
+SHARDED_OPTIMIZERS = ("dion2", "muon", "adamw")
 
 
 def mesh_sizes(cfg, world_size):
