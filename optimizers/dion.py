@@ -76,9 +76,8 @@ class Dion(MatrixOptimizer):
     def _new_matrix_state(self, p, group):
         batch, m, n = as_matrices(p, False).shape
         rank = math.ceil(group["rank_fraction"] * min(m, n))
-        # A seeded start for Q, so that every rank and every run begins from the same basis;
-        # states are built in parameter order, so len(self.state) is this parameter's index.
-        generator = torch.Generator().manual_seed(hash((group["seed"], len(self.state))) % 2**63)
+        # A seeded start for Q, so that every rank and every run begins from the same basis.
+        generator = torch.Generator().manual_seed(hash((group["seed"], self._index[p])) % 2**63)
         # Orthonormal, not merely unit columns: a Gaussian square Q can have a condition number
         # in the hundreds, which the first power-iteration step would inherit.
         q = torch.linalg.qr(torch.randn(batch, n, rank, generator=generator)).Q

@@ -68,7 +68,6 @@ class Dion2(MatrixOptimizer):
             ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults, distributed_mesh, use_triton)
-        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     def _check_matrix_group(self, group):
         if not 0 < group["fraction"] <= 1:

@@ -40,6 +40,9 @@ class ScalarOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults):
         defaults = {"algorithm": self.algorithm_name(), **defaults}
         super().__init__(params, defaults)
+        # A parameter's position in the optimizer: the same on every rank and every run, so
+        # per-parameter seeds derived from it agree everywhere.
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for group in self.param_groups:
             self._check_group(group)
             for p in group["params"]:

@@ -1,5 +1,6 @@
 """Distributed optimizer steps (gloo, several processes) against the single-process step."""
 
+import contextlib
 import os
 
 import pytest
@@ -44,14 +45,21 @@ def run_case(name, distributed_mesh=None):
     return {"params": [*matrices, vector], "state": opt.state_dict()["state"], "comm_bytes": moved}
 
 
-def worker(rank, world_size, init_file, names, out_dir):
+@contextlib.contextmanager
+def gloo(rank, world_size, init_file):
+    """A gloo process group for one spawned worker, torn down cleanly."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def worker(rank, world_size, init_file, names, out_dir):
+    with gloo(rank, world_size, init_file):
         for name in names:
             result = run_case(name, distributed_mesh=dist.group.WORLD)
             torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
@@ -116,41 +124,56 @@ def test_each_matrix_is_orthonormalized_once_and_dion2_moves_a_fraction(distribu
 SHARDED_SHAPES = [(16, 24)] * 5 + [(24, 16)] * 2 + [(2, 12)]
 
 
-def run_sharded_muon(mesh=None):
-    gen = torch.Generator().manual_seed(1)
-    fulls = [torch.randn(s, generator=gen) for s in SHARDED_SHAPES]
-    grads = [[torch.randn(s, generator=gen) for s in SHARDED_SHAPES] for _ in range(STEPS)]
+def run_row_sharded(build, shapes, seed, mesh=None):
+    """STEPS steps of the optimizer `build(params, mesh)` on matrices whose rows are sharded over
+    `mesh` as FSDP shards them (whole matrices in one process). Returns the full results and
+    the optimizer."""
+    gen = torch.Generator().manual_seed(seed)
+    fulls = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(STEPS)]
     shard = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if mesh is not None else (lambda t: t)
+    full = (lambda t: t.full_tensor()) if mesh is not None else (lambda t: t)
     params = [shard(f) for f in fulls]
-    opt = Muon(params, lr=0.02, nesterov=True, distributed_mesh=mesh)
+    opt = build(params, mesh)
     for step_grads in grads:
         for p, g in zip(params, step_grads, strict=True):
             p.grad = shard(g)
         opt.step()
-    full = (lambda t: t.full_tensor()) if mesh is not None else (lambda t: t)
-    return {
+    result = {
+        "fulls": fulls,
+        "grads": grads,
         "params": [full(p) for p in params],
         "momentum": [full(opt.state[p]["momentum"]) for p in params],
-        "comm_bytes": opt.comm_bytes(),
     }
+    return result, opt
 
 
-def sharded_worker(rank, world_size, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+def run_sharded_muon(mesh=None):
+    def build(params, mesh):
+        return Muon(params, lr=0.02, nesterov=True, distributed_mesh=mesh)
+
+    result, opt = run_row_sharded(build, SHARDED_SHAPES, 1, mesh)
+    return {**result, "comm_bytes": opt.comm_bytes()}
+
+
+def sharded_worker(rank, world_size, init_file, out_dir, names):
+    """Run the named row-sharded cases ("muon" or a DION2_CASES name) on a 1-D fs mesh."""
+    with gloo(rank, world_size, init_file):
         mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fs",))
-        torch.save(run_sharded_muon(mesh), os.path.join(out_dir, f"sharded_{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        for name in names:
+            result = run_sharded_muon(mesh) if name == "muon" else run_sharded_dion2(name, mesh)
+            torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_row_sharded_muon_equals_single_process(tmp_path, world_size):
-    mp.spawn(sharded_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size)
+    mp.spawn(
+        sharded_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path), ["muon"]), nprocs=world_size
+    )
     single = run_sharded_muon()
     for rank in range(world_size):
-        result = torch.load(tmp_path / f"sharded_{rank}.pt")
+        result = torch.load(tmp_path / f"muon_{rank}.pt")
         assert_same(result["params"], single["params"], atol=0)
         assert_same(result["momentum"], single["momentum"], atol=0)
         assert result["comm_bytes"] > 0
@@ -168,41 +191,20 @@ DION2_CASES = {
 
 
 def run_sharded_dion2(name, mesh=None):
-    gen = torch.Generator().manual_seed(2)
-    fulls = [torch.randn(s, generator=gen) for s in DION2_SHAPES]
-    grads = [[torch.randn(s, generator=gen) for s in DION2_SHAPES] for _ in range(STEPS)]
-    shard = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if mesh is not None else (lambda t: t)
-    params = [shard(f) for f in fulls]
-    opt = Dion2(params, lr=0.02, fraction=0.3, ef_decay=0.9, distributed_mesh=mesh, **DION2_CASES[name])
-    for step_grads in grads:
-        for p, g in zip(params, step_grads, strict=True):
-            p.grad = shard(g)
-        opt.step()
-    full = (lambda t: t.full_tensor()) if mesh is not None else (lambda t: t)
-    return {
-        "fulls": fulls,
-        "grads": grads,
-        "params": [full(p) for p in params],
-        "momentum": [full(opt.state[p]["momentum"]) for p in params],
-        "stats": opt.selection_stats(),
-    }
+    def build(params, mesh):
+        return Dion2(params, lr=0.02, fraction=0.3, ef_decay=0.9, distributed_mesh=mesh, **DION2_CASES[name])
 
-
-def dion2_worker(rank, world_size, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fs",))
-        for name in DION2_CASES:
-            torch.save(run_sharded_dion2(name, mesh), os.path.join(out_dir, f"{name}_{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    result, opt = run_row_sharded(build, DION2_SHAPES, 2, mesh)
+    return {**result, "stats": opt.selection_stats()}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def dion2_sharded(request, tmp_path_factory):
     world_size = request.param
     out = tmp_path_factory.mktemp(f"dion2_fs{world_size}")
-    mp.spawn(dion2_worker, args=(world_size, str(out / "init"), str(out)), nprocs=world_size)
+    mp.spawn(
+        sharded_worker, args=(world_size, str(out / "init"), str(out), list(DION2_CASES)), nprocs=world_size
+    )
     return world_size, {
         (name, rank): torch.load(out / f"{name}_{rank}.pt")
         for name in DION2_CASES
