@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data.loader import DataError, TokenLoader, ValidationData, find_shards
@@ -30,6 +29,7 @@ from training.checkpoint import (
 )
 from training.config import ConfigError, load_config, to_dict, to_yaml
 from training.distributed import grad_sync, init_distributed, mean_over_ranks, shutdown, wrap_model
+from training.grad_clip import clip_grad_norm
 from training.host_memory import keep_freed_memory
 from training.mesh import build_mesh, fsdp_mesh, mesh_sizes, optimizer_mesh
 from training.metrics import MetricsLogger
@@ -175,9 +175,7 @@ def main(argv):
                 loss = model(x, y)
             (loss / accum_steps).backward()
             train_loss += loss.detach().float() / accum_steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        if isinstance(grad_norm, DTensor):  # the norm of sharded gradients, reduced over ranks
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip or math.inf)
         lr_scale = lr_multiplier(step, cfg.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_scale

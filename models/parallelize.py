@@ -1,7 +1,60 @@
 """Model parallelism applied to a built GPT, apart from its definition (as in torchtitan)."""
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+
+def apply_tp(model, tp_mesh):
+    """Shard the model over `tp_mesh` (Megatron style): q, k, v and the MLP input by output
+    features (heads), the attention output and the MLP output by input features, and the
+    embedding and lm_head over the vocabulary. Activations between blocks stay replicated."""
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate()),
+        },
+    )
+    for block in model.blocks:
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                "attn.q": ColwiseParallel(),
+                "attn.k": ColwiseParallel(),
+                "attn.v": ColwiseParallel(),
+                "attn.out": RowwiseParallel(),
+                "mlp.fc": ColwiseParallel(),
+                "mlp.proj": RowwiseParallel(),
+            },
+        )
+    return model
+
+
+def tp_partial_grad_params(model):
+    """Parameters whose gradient each TP rank holds only a part of: the QK-norm gains are shared
+    by all heads, but a rank sees only its own heads."""
+    return [p for b in model.blocks for p in (*b.attn.q_norm.parameters(), *b.attn.k_norm.parameters())]
+
+
+def sync_tp_partial_grads(model, tp_mesh):
+    """Sum the partial gradients of `tp_partial_grad_params` over the TP ranks."""
+    for p in tp_partial_grad_params(model):
+        if p.grad is not None:
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            dist.all_reduce(grad, group=tp_mesh.get_group())
+
+
+def fsdp_placement(param):
+    """FSDP's shard of a parameter: the dimension that tensor parallelism leaves whole, so that
+    every rank holds one contiguous block of each matrix."""
+    if isinstance(param, DTensor) and Shard(0) in param.placements:
+        return Shard(1)
+    return Shard(0)
 
 
 def apply_fsdp(model, mesh, bf16_compute):
@@ -14,6 +67,6 @@ def apply_fsdp(model, mesh, bf16_compute):
         else MixedPrecisionPolicy()
     )
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
+    fully_shard(model, mesh=mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
     return model

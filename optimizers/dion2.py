@@ -100,9 +100,6 @@ class Dion2(MatrixOptimizer):
             indices = indices.to(slices.device)
         return indices.sort(dim=-1).values
 
-    def _shards_supported(self, p):
-        return self._row_sharded(p)
-
     def _random_slices(self, group, p, step, count, k, salt=()):
         generator = torch.Generator().manual_seed(hash((group["seed"], self._index[p], step, *salt)) % 2**63)
         return torch.randperm(count, generator=generator)[:k].sort().values
@@ -113,103 +110,91 @@ class Dion2(MatrixOptimizer):
         state["longest_wait"] = torch.maximum(state["longest_wait"], waited.max())
         state["last_selected"].scatter_(1, indices, step)
 
-    def _update_row_sharded(self, group, params):
-        """Dion2 on matrices whose rows FSDP shards over distributed_mesh.
+    def _update_sharded(self, group, params):
+        """Dion2 on matrices spread in blocks over distributed_mesh (FSDP, TP, or both).
 
-        Rows as slices (m <= n): with selection_scope "local" each rank selects
-        ceil(fraction x its rows) of its own rows; "global" selects the top k of the whole
-        matrix (row norms are gathered). Columns as slices (m > n): every rank must take the
-        same columns, so the column norms are summed over the ranks and the scope is global.
-        Only the selected rows or columns are exchanged and orthonormalized.
+        Work in slice-major coordinates: each rank's block covers a range of slices and a
+        range of the other side. With selection_scope "local", each distinct slice range
+        (one FSDP or TP shard of the slices) selects ceil(fraction x its slices) on its own;
+        "global" selects the top k of the whole matrix. l1 norms of slices spread over several
+        ranks are summed over distributed_mesh, so every rank knows every choice. Only the
+        selected slices are exchanged and orthonormalized.
         """
         comm, mu, fraction = self.comm, group["ef_decay"], group["fraction"]
         m, n = matrix_shape(params[0], False)
-        rows = self.fsdp_rows(m)
-        start = sum(rows[: comm.rank])
-        weights = [p.to_local() for p in params]
+        by_rows = m <= n
+        slices, other = (m, n) if by_rows else (n, m)
+        # Each rank's block as (slice0, slices, other0, others).
+        spans = [[b if by_rows else (b[2], b[3], b[0], b[1]) for b in self.blocks[p]] for p in params]
         states = [self.state[p] for p in params]
         momenta = [s["momentum"].to_local() for s in states]
         torch._foreach_add_(momenta, [p.grad.to_local() for p in params])
+        major = [mom if by_rows else mom.T for mom in momenta]
         steps = []
         for state in states:
             state["step"] += 1
             steps.append(int(state["step"]))
-        by_rows = m <= n
-        l1 = group["selection"] == "l1"
-        if by_rows and group["selection_scope"] == "local":
-            ks = [num_selected(fraction, r) for r in rows]
-            k_mine = ks[comm.rank]
-            if l1:
-                local = [
-                    torch.linalg.vector_norm(mom, ord=1, dim=1)
-                    .topk(k_mine, sorted=False)
-                    .indices.sort()
-                    .values
-                    for mom in momenta
-                ]
+        norms = None
+        if group["selection"] == "l1":
+            partial = torch.zeros(len(params), slices, device=momenta[0].device)
+            for x, (view, span) in enumerate(zip(major, spans, strict=True)):
+                start, count = span[comm.rank][:2]
+                partial[x, start : start + count] = torch.linalg.vector_norm(view, ord=1, dim=1)
+            norms = comm.all_reduce_sum(partial)
+        chosen = []
+        for x, (p, t, span) in enumerate(zip(params, steps, spans, strict=True)):
+            ranges = sorted({(a, la) for a, la, _, _ in span if la})
+            if group["selection_scope"] == "global":
+                ranges, salt = [(0, slices)], False
             else:
-                local = [
-                    self._random_slices(group, p, t, rows[comm.rank], k_mine, (comm.rank,)).to(mom.device)
-                    for p, t, mom in zip(params, steps, momenta, strict=True)
-                ]
-            counts = [ks] * len(params)
-            # Every rank learns every rank's choice, so the diagnostics agree everywhere.
-            padded = torch.zeros(len(params), max(ks), dtype=torch.int64, device=momenta[0].device)
-            for x, idx in enumerate(local):
-                padded[x, : len(idx)] = idx + start
-            gathered = comm.all_gather_stack(padded.T.contiguous(), comm.world_size * max(ks))
-            chosen = [
-                torch.cat([gathered[s * max(ks) : s * max(ks) + ks[s], x] for s in range(len(ks))])
-                for x in range(len(params))
-            ]
-        else:
-            slices = m if by_rows else n
-            k = num_selected(fraction, slices)
-            if l1 and by_rows:
-                norms = torch.zeros(max(rows), len(params), device=momenta[0].device)
-                norms[: rows[comm.rank]] = torch.stack(
-                    [torch.linalg.vector_norm(mom, ord=1, dim=1) for mom in momenta], dim=1
-                )
-                gathered = comm.all_gather_stack(norms, comm.world_size * max(rows))
-                full = torch.cat([gathered[s * max(rows) : s * max(rows) + r] for s, r in enumerate(rows)])
-                chosen = [full[:, x].topk(k, sorted=False).indices.sort().values for x in range(len(params))]
-            elif l1:
-                norms = comm.all_reduce_sum(
-                    torch.stack([torch.linalg.vector_norm(mom, ord=1, dim=0) for mom in momenta])
-                )
-                chosen = [norms[x].topk(k, sorted=False).indices.sort().values for x in range(len(params))]
-            else:
-                chosen = [
-                    self._random_slices(group, p, t, slices, k).to(momenta[0].device)
-                    for p, t in zip(params, steps, strict=True)
-                ]
-            if by_rows:
-                local = [c[(c >= start) & (c < start + rows[comm.rank])] - start for c in chosen]
-                counts = [
-                    [int(((c >= sum(rows[:s])) & (c < sum(rows[: s + 1]))).sum()) for s in range(len(rows))]
-                    for c in chosen
-                ]
-            else:
-                counts = [rows] * len(params)
-        dim = 0 if by_rows else 1
-        index = local if by_rows else chosen
-        selected = [mom.index_select(dim, idx) for mom, idx in zip(momenta, index, strict=True)]
-        ortho = self._orthonormalize_row_shards(group, selected, counts)
+                salt = len(ranges) > 1
+            picks = []
+            for a, la in ranges:
+                k = num_selected(fraction, la)
+                if norms is not None:
+                    picks.append(norms[x, a : a + la].topk(k, sorted=False).indices.sort().values + a)
+                else:
+                    salt_key = (a,) if salt else ()
+                    picks.append(self._random_slices(group, p, t, la, k, salt_key).to(momenta[0].device) + a)
+            chosen.append(torch.cat(picks))
+        # Each rank's piece of the selected matrix (k x other), and its local slice indices.
+        pieces, local_index, selected_blocks = [], [], []
+        for view, span, c in zip(major, spans, chosen, strict=True):
+            blocks = []
+            for a, la, b, lb in span:
+                first = int((c < a).sum())
+                blocks.append((first, int(((c >= a) & (c < a + la)).sum()), b, lb))
+            first, count = blocks[comm.rank][:2]
+            index = c[first : first + count] - span[comm.rank][0]
+            local_index.append(index)
+            pieces.append(view.index_select(0, index))
+            selected_blocks.append(blocks)
+        updates = [None] * len(params)
+        by_k = {}
+        for x, c in enumerate(chosen):
+            by_k.setdefault(len(c), []).append(x)
+        for k, members in by_k.items():
+            ortho = self._orthonormalize_blocks(
+                group, [pieces[x] for x in members], [selected_blocks[x] for x in members], (k, other)
+            )
+            for x, update in zip(members, ortho, strict=True):
+                updates[x] = update
         for state, c, t in zip(states, chosen, steps, strict=True):
             self._record_selection(state, c.unsqueeze(0), t)
         if group["decay"] == "full":
             torch._foreach_mul_(momenta, mu)
         else:
-            for mom, idx, sub in zip(momenta, index, selected, strict=True):
-                mom.index_copy_(dim, idx, sub.mul_(mu))
+            for view, index, piece in zip(major, local_index, pieces, strict=True):
+                view.index_copy_(0, index, piece.mul_(mu))
+        weights = [p.to_local() for p in params]
         torch._foreach_mul_(weights, 1 - group["lr"] * group["weight_decay"])
         step_size = -group["lr"] * lr_scale(group["adjust_lr"], m, n)
-        for w, idx, update in zip(weights, index, ortho, strict=True):
-            w.index_add_(dim, idx, update.mul_(step_size))
+        for w, index, update in zip(weights, local_index, updates, strict=True):
+            (w if by_rows else w.T).index_add_(0, index, update.mul_(step_size))
 
     def _update_bucket(self, group, params):
         if isinstance(params[0], DTensor):
-            return self._update_row_sharded(group, params)
+            return self._update_sharded(group, params)
         flatten, mu = group["flatten"], group["ef_decay"]
         states = [self.state[p] for p in params]
         momenta = [s["momentum"] for s in states]

@@ -3,12 +3,18 @@
 Every matrix update goes through `MatrixOptimizer._matrix_step`: it views each parameter as a
 batch of matrices, buckets same-shape matrices together, and hands each bucket to the
 algorithm's `_update_bucket`. The bucket is the unit that distributed runs partition.
+
+Replicated matrices (DDP) split a bucket's Newton-Schulz work over the ranks and all-gather
+the results. Sharded matrices (FSDP, TP, or both) are DTensors whose ranks each hold one
+rectangular block of the full matrix: one all-to-all brings each matrix's blocks to one owner
+rank, which orthonormalizes whole matrices, and a second returns the blocks.
 """
 
 import math
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from optimizers.comm import Communicator, process_group
 from optimizers.newton_schulz import newton_schulz
@@ -51,6 +57,12 @@ def default_ns_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def local_block(p):
+    """(row0, rows, col0, cols): the block of the full matrix a DTensor's local shard holds."""
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0], shape[0], offset[1], shape[1]
+
+
 class MatrixOptimizer(ScalarOptimizer):
     """Base of Muon, NorMuon, Dion2 and Dion: the class's own algorithm for matrix groups,
     AdamW or Lion for the groups that ask for them."""
@@ -61,27 +73,40 @@ class MatrixOptimizer(ScalarOptimizer):
         super().__init__(params, defaults)
         group = process_group(distributed_mesh)
         self.comm = Communicator(group) if group is not None else None
-        for p in self._matrix_params():
-            if isinstance(p, DTensor) and not self._shards_supported(p):
+        sharded = [p for p in self._matrix_params() if isinstance(p, DTensor)]
+        for p in sharded:
+            if not self._shards_supported(p):
                 raise NotImplementedError(
-                    f"{type(self).__name__}: this sharding of a parameter is not supported yet "
-                    f"({p.ndim}-D, placements {p.placements})"
+                    f"{type(self).__name__}: this sharding of a parameter is not supported "
+                    f"({p.ndim}-D, placements {p.placements}); sharded matrices must be 2-D blocks "
+                    "(Shard(0), Shard(1) or Replicate on each mesh dimension) with a distributed_mesh"
                 )
+        self.blocks = self._gather_blocks(sharded) if sharded else {}
 
     def _shards_supported(self, p):
-        """Whether the algorithm handles this DTensor parameter (none by default)."""
-        return False
+        """Whether the algorithm handles this DTensor parameter: 2-D blocks exchanged over
+        distributed_mesh, unless a subclass has its own sharded path."""
+        allowed = (Shard(0), Shard(1), Replicate())
+        return p.ndim == 2 and self.comm is not None and all(pl in allowed for pl in p.placements)
 
-    def _row_sharded(self, p):
-        """Whether p is a matrix sharded by rows over distributed_mesh, as FSDP shards it."""
-        placements = p.placements
-        return (
-            p.ndim == 2
-            and self.comm is not None
-            and sum(pl == Shard(0) for pl in placements) == 1
-            and all(pl == Shard(0) or pl == Replicate() for pl in placements)
-            and p.device_mesh.size(placements.index(Shard(0))) == self.comm.world_size
-        )
+    def _gather_blocks(self, params):
+        """Every rank's block of each sharded matrix: {p: [(row0, rows, col0, cols) per rank]}.
+
+        The blocks of the ranks of distributed_mesh must tile each matrix exactly: a matrix
+        sharded over other ranks too would otherwise be orthonormalized from a part.
+        """
+        mine = torch.tensor([local_block(p) for p in params], dtype=torch.int64, device=params[0].device)
+        every = self.comm.all_gather_stack(mine.unsqueeze(0), self.comm.world_size)
+        self.comm.take_bytes()  # a one-time exchange, not part of any step's traffic
+        blocks = {}
+        for i, p in enumerate(params):
+            blocks[p] = [tuple(int(v) for v in every[s, i]) for s in range(self.comm.world_size)]
+            if sum(rows * cols for _, rows, _, cols in blocks[p]) != p.numel():
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} (placements {p.placements}) is not tiled by "
+                    f"the {self.comm.world_size} ranks of distributed_mesh; pass the mesh that shards it"
+                )
+        return blocks
 
     def _matrix_params(self):
         return [p for g in self.param_groups if g["algorithm"] == self.algorithm_name() for p in g["params"]]
@@ -120,61 +145,58 @@ class MatrixOptimizer(ScalarOptimizer):
         for bucket in buckets.values():
             self._update_bucket(group, bucket)
 
-    def fsdp_rows(self, m):
-        """The rows of an m-row matrix that each rank holds under FSDP: chunks of ceil(m / world)."""
-        world = self.comm.world_size
-        chunk = math.ceil(m / world)
-        return [max(0, min(chunk, m - s * chunk)) for s in range(world)]
+    def _orthonormalize_blocks(self, group, pieces, blocks, shape):
+        """Newton-Schulz of whole matrices spread in blocks over the ranks of distributed_mesh.
 
-    def _orthonormalize_row_shards(self, group, shards, counts):
-        """Newton-Schulz of whole matrices whose rows are spread over the ranks of
-        distributed_mesh. shards[i] holds this rank's rows of matrix i, and counts[i][s] is how
-        many rows of matrix i rank s holds (every rank knows all counts). Every matrix has the
-        same total rows and width. Returns this rank's rows of each result.
+        pieces[i] is this rank's block of matrix i, and blocks[i][s] = (row0, rows, col0, cols)
+        says where rank s's block sits (every rank knows all blocks). Every matrix has `shape`.
+        Returns this rank's block of each result.
 
-        Matrix i is owned by rank i % world. One all-to-all brings each owner the rows of its
-        matrices, in rank order; the owner orthonormalizes whole matrices; a second all-to-all
-        returns every rank its rows. No matrix is orthonormalized twice.
+        Matrix i is owned by rank i % world. One all-to-all brings each owner the blocks of its
+        matrices; the owner assembles and orthonormalizes whole matrices; a second all-to-all
+        returns every rank its blocks. No matrix is orthonormalized twice, nothing is padded,
+        and a rank with empty blocks simply sends and receives nothing for them.
         """
         comm = self.comm
-        world, rank, total = comm.world_size, comm.rank, len(shards)
-        n, height = shards[0].size(-1), sum(counts[0])
+        world, rank, total = comm.world_size, comm.rank, len(pieces)
         owned = [list(range(o, total, world)) for o in range(world)]
         mine = owned[rank]
-        dtype = group.get("ns_dtype") or default_ns_dtype(shards[0].device)
-        device, out_dtype = shards[0].device, shards[0].dtype
-        pieces = comm.exchange(
-            [[shards[i] for i in owned[o]] for o in range(world)],
-            [sum(counts[j][s] for j in mine) * n for s in range(world)],
+        dtype = group.get("ns_dtype") or default_ns_dtype(pieces[0].device)
+        device, out_dtype = pieces[0].device, pieces[0].dtype
+
+        def numel(block):
+            return block[1] * block[3]
+
+        received = comm.exchange(
+            [[pieces[i] for i in owned[o]] for o in range(world)],
+            [sum(numel(blocks[j][s]) for j in mine) for s in range(world)],
             out_dtype,
             device,
         )
-        parts = [piece.split([counts[j][s] * n for j in mine]) for s, piece in enumerate(pieces)]
-        full = (
-            torch.stack(
-                [
-                    torch.cat([parts[s][x].view(counts[j][s], n) for s in range(world)])
-                    for x, j in enumerate(mine)
-                ]
-            )
-            if mine
-            else shards[0].new_empty(0, height, n)
-        )
+        full = torch.zeros(len(mine), *shape, dtype=out_dtype, device=device)
+        for s, flat in enumerate(received):
+            for x, (j, part) in enumerate(
+                zip(mine, flat.split([numel(blocks[j][s]) for j in mine]), strict=True)
+            ):
+                r0, rows, c0, cols = blocks[j][s]
+                full[x, r0 : r0 + rows, c0 : c0 + cols] = part.view(rows, cols)
         ortho = newton_schulz(full, group["use_polar_express"], dtype, out_dtype=dtype) if mine else full
-        starts = [[sum(counts[j][:s]) for s in range(world)] for j in mine]
         back = comm.exchange(
             [
-                [ortho[x, starts[x][s] : starts[x][s] + counts[j][s]] for x, j in enumerate(mine)]
+                [
+                    ortho[x, r0 : r0 + rows, c0 : c0 + cols]
+                    for x, (r0, rows, c0, cols) in enumerate(blocks[j][s] for j in mine)
+                ]
                 for s in range(world)
             ],
-            [sum(counts[i][rank] for i in owned[o]) * n for o in range(world)],
+            [sum(numel(blocks[i][rank]) for i in owned[o]) for o in range(world)],
             dtype,
             device,
         )
         result = [None] * total
-        for o, piece in enumerate(back):
-            for i, block in zip(owned[o], piece.split([counts[i][rank] * n for i in owned[o]]), strict=True):
-                result[i] = block.view(counts[i][rank], n).to(out_dtype)
+        for o, flat in enumerate(back):
+            for i, part in zip(owned[o], flat.split([numel(blocks[i][rank]) for i in owned[o]]), strict=True):
+                result[i] = part.view(blocks[i][rank][1], blocks[i][rank][3]).to(out_dtype)
         return result
 
     def _orthonormalize(self, group, stacked):

@@ -51,15 +51,14 @@ class Muon(MatrixOptimizer):
     def _new_matrix_state(self, p, group):
         return {"momentum": torch.zeros_like(p)}
 
-    def _orthonormalized(self, group, params, states, matrices):
-        """Hook for variants: the update from the orthonormalized matrices (batch, m, n)."""
-        return matrices
-
-    def _shards_supported(self, p):
-        return self._row_sharded(p)
+    def _orthonormalized(self, group, states, updates, row_starts, shape, sharded):
+        """Hook for variants: adjust the orthonormalized updates in place. updates[i] is this
+        rank's block (batch, rows, cols) of parameter i's matrices, starting at row
+        row_starts[i] of the full matrix of `shape`; `sharded` says the blocks are parts of matrices
+        spread over distributed_mesh."""
 
     def _update_bucket(self, group, params):
-        # A sharded bucket works on this rank's rows: in-place updates of the local tensors
+        # A sharded bucket works on this rank's blocks: in-place updates of the local tensors
         # are updates of the shards.
         sharded = isinstance(params[0], DTensor)
         local = DTensor.to_local if sharded else (lambda t: t)
@@ -72,11 +71,14 @@ class Muon(MatrixOptimizer):
         flatten = group["flatten"]
         shape = matrix_shape(params[0], flatten)
         if sharded:
-            rows = self.fsdp_rows(shape[0])
-            updates = self._orthonormalize_row_shards(group, inputs, [rows] * len(inputs))
+            blocks = [self.blocks[p] for p in params]
+            updates = [u.unsqueeze(0) for u in self._orthonormalize_blocks(group, inputs, blocks, shape)]
+            row_starts = [b[self.comm.rank][0] for b in blocks]
         else:
             stacked = torch.cat([as_matrices(u, flatten) for u in inputs])
-            ortho = self._orthonormalized(group, params, states, self._orthonormalize(group, stacked))
-            counts = [len(as_matrices(p, flatten)) for p in params]
-            updates = [u.view_as(p) for u, p in zip(ortho.split(counts), params, strict=True)]
+            ortho = self._orthonormalize(group, stacked)
+            updates = ortho.split([len(as_matrices(p, flatten)) for p in params])
+            row_starts = [0] * len(params)
+        self._orthonormalized(group, states, updates, row_starts, shape, sharded)
+        updates = [u.view(local(p).shape) for u, p in zip(updates, params, strict=True)]
         self._apply(group, [local(p) for p in params], updates, lr_scale(group["adjust_lr"], *shape))

@@ -13,9 +13,6 @@ class NorMuon(Muon):
     def __init__(self, params, *args, muon_beta2=0.95, **kwargs):
         super().__init__(params, *args, muon_beta2=muon_beta2, **kwargs)
 
-    def _shards_supported(self, p):
-        return False  # its Frobenius rescale needs whole rows: not on shards yet
-
     def _check_matrix_group(self, group):
         super()._check_matrix_group(group)
         if not 0 <= group["muon_beta2"] < 1:
@@ -28,13 +25,21 @@ class NorMuon(Muon):
             "row_second_moment": torch.zeros(rows, device=p.device),
         }
 
-    def _orthonormalized(self, group, params, states, matrices):
+    def _orthonormalized(self, group, states, updates, row_starts, shape, sharded):
         beta2, eps = group["muon_beta2"], group["epsilon"]
-        moments = torch.cat([s["row_second_moment"] for s in states])
-        moments.lerp_(matrices.float().square().mean(dim=-1), 1 - beta2)
-        for s, m in zip(states, moments.split([len(s["row_second_moment"]) for s in states]), strict=True):
-            s["row_second_moment"].copy_(m)
-        normalized = matrices / (moments.sqrt().unsqueeze(-1) + eps).to(matrices.dtype)
-        norm = torch.linalg.vector_norm(matrices, dim=(-2, -1), keepdim=True)
-        normalized *= norm / (torch.linalg.vector_norm(normalized, dim=(-2, -1), keepdim=True) + eps)
-        return normalized
+        # Each row's sum of squares over the full matrix. A sharded row is spread over ranks:
+        # the partial sums are placed in full-height vectors and summed over distributed_mesh,
+        # so every rank holds the whole second moment (a replicated state, as checkpoints need).
+        squares = [torch.zeros_like(s["row_second_moment"]) for s in states]
+        for total, u, start in zip(squares, updates, row_starts, strict=True):
+            total[:, start : start + u.size(-2)] = u.float().square().sum(dim=-1)
+        if sharded:
+            squares = list(self.comm.all_reduce_sum(torch.stack(squares)).unbind())
+        for state, total, u, start in zip(states, squares, updates, row_starts, strict=True):
+            moment = state["row_second_moment"]
+            moment.lerp_(total / shape[1], 1 - beta2)
+            scale = moment.sqrt() + eps
+            # The Frobenius norms of O and of O / scale, from the row sums: no second reduction.
+            ratio = total.sum(-1).sqrt() / ((total / scale.square()).sum(-1).sqrt() + eps)
+            rows = slice(start, start + u.size(-2))
+            u.mul_((ratio[:, None] / scale[:, rows]).unsqueeze(-1).to(u.dtype))

@@ -1,6 +1,7 @@
 """Distributed optimizer steps (gloo, several processes) against the single-process step."""
 
 import contextlib
+import math
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from optimizers import AdamWLion, Dion2, Muon, NorMuon
 
@@ -119,139 +120,135 @@ def test_each_matrix_is_orthonormalized_once_and_dion2_moves_a_fraction(distribu
     assert results[("adamw_only", 0)]["comm_bytes"] == 0
 
 
-# Row-sharded (FSDP's Shard(0)) matrices: uneven chunks, and a 2-row matrix that leaves one of
-# three ranks an empty shard.
-SHARDED_SHAPES = [(16, 24)] * 5 + [(24, 16)] * 2 + [(2, 12)]
+# Sharded layouts: (world size, mesh shape, mesh dim names, placements of matrix i, the
+# optimizer's distributed_mesh). TP layouts alternate colwise (rows split over tp) and rowwise
+# (columns split) matrices, as the model's q and out are; FSDP over TP shards the other side.
+LAYOUTS = {
+    "fsdp2": (2, (2,), ("fs",), lambda i: [Shard(0)], lambda mesh: mesh),
+    "fsdp3": (3, (3,), ("fs",), lambda i: [Shard(0)], lambda mesh: mesh),
+    "fsdp4": (4, (4,), ("fs",), lambda i: [Shard(0)], lambda mesh: mesh),
+    "hsdp2x2": (4, (2, 2), ("dp", "fs"), lambda i: [Replicate(), Shard(0)], lambda mesh: mesh["fs"]),
+    "tp2": (2, (2,), ("tp",), lambda i: [Shard(i % 2)], lambda mesh: mesh),
+    "fsdp2xtp2": (
+        4,
+        (2, 2),
+        ("fs", "tp"),
+        lambda i: [Shard(1 - i % 2), Shard(i % 2)],
+        lambda mesh: mesh["fs", "tp"]._flatten("fs_tp"),
+    ),
+}
+# Rows as slices (16 x 24), columns as slices (24 x 16), an uneven split (10 x 12 over 4 ranks:
+# 3, 3, 3, 1) and a matrix with fewer rows than ranks (2 x 12: empty shards).
+SHARDED_SHAPES = [(16, 24)] * 3 + [(24, 16)] * 2 + [(10, 12), (2, 12)]
+SHARDED_CASES = {
+    "muon": (Muon, {"nesterov": True}),
+    "normuon": (NorMuon, {}),
+    "dion2_global_l1": (Dion2, {"selection_scope": "global"}),
+    "dion2_global_random": (Dion2, {"selection_scope": "global", "selection": "random"}),
+    "dion2_local_l1": (Dion2, {"selection_scope": "local"}),
+    "dion2_local_l1_full_decay": (Dion2, {"selection_scope": "local", "decay": "full"}),
+}
+DION2_SETTINGS = {"fraction": 0.3, "ef_decay": 0.9}
 
 
-def run_row_sharded(build, shapes, seed, mesh=None):
-    """STEPS steps of the optimizer `build(params, mesh)` on matrices whose rows are sharded over
-    `mesh` as FSDP shards them (whole matrices in one process). Returns the full results and
-    the optimizer."""
-    gen = torch.Generator().manual_seed(seed)
-    fulls = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(STEPS)]
-    shard = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if mesh is not None else (lambda t: t)
-    full = (lambda t: t.full_tensor()) if mesh is not None else (lambda t: t)
-    params = [shard(f) for f in fulls]
-    opt = build(params, mesh)
+def run_sharded(name, layout=None, mesh=None):
+    """STEPS steps of a case on SHARDED_SHAPES, sharded as `layout` says over `mesh` (whole
+    matrices in one process). Returns full weights and momenta, and what the test needs."""
+    cls, kwargs = SHARDED_CASES[name]
+    if cls is Dion2:
+        kwargs = {**DION2_SETTINGS, **kwargs}
+    gen = torch.Generator().manual_seed(1)
+    fulls = [torch.randn(s, generator=gen) for s in SHARDED_SHAPES]
+    grads = [[torch.randn(s, generator=gen) for s in SHARDED_SHAPES] for _ in range(STEPS)]
+    if mesh is None:
+        shard, full, optimizer_mesh = (lambda t, i: t), (lambda t: t), None
+    else:
+        placements, optimizer_mesh = LAYOUTS[layout][3], LAYOUTS[layout][4](mesh)
+        shard, full = (lambda t, i: distribute_tensor(t, mesh, placements(i))), (lambda t: t.full_tensor())
+    params = [shard(f, i) for i, f in enumerate(fulls)]
+    opt = cls(params, lr=0.02, distributed_mesh=optimizer_mesh, **kwargs)
     for step_grads in grads:
-        for p, g in zip(params, step_grads, strict=True):
-            p.grad = shard(g)
+        for i, (p, g) in enumerate(zip(params, step_grads, strict=True)):
+            p.grad = shard(g, i)
         opt.step()
-    result = {
+    return {
         "fulls": fulls,
         "grads": grads,
         "params": [full(p) for p in params],
         "momentum": [full(opt.state[p]["momentum"]) for p in params],
+        "stats": opt.selection_stats() if cls is Dion2 else None,
+        "comm_bytes": opt.comm_bytes(),
     }
-    return result, opt
 
 
-def run_sharded_muon(mesh=None):
-    def build(params, mesh):
-        return Muon(params, lr=0.02, nesterov=True, distributed_mesh=mesh)
-
-    result, opt = run_row_sharded(build, SHARDED_SHAPES, 1, mesh)
-    return {**result, "comm_bytes": opt.comm_bytes()}
-
-
-def sharded_worker(rank, world_size, init_file, out_dir, names):
-    """Run the named row-sharded cases ("muon" or a DION2_CASES name) on a 1-D fs mesh."""
+def layout_worker(rank, world_size, init_file, out_dir, layout):
     with gloo(rank, world_size, init_file):
-        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fs",))
-        for name in names:
-            result = run_sharded_muon(mesh) if name == "muon" else run_sharded_dion2(name, mesh)
-            torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
+        _, shape, names, _, _ = LAYOUTS[layout]
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        for name in SHARDED_CASES:
+            torch.save(run_sharded(name, layout, mesh), os.path.join(out_dir, f"{name}_{rank}.pt"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_row_sharded_muon_equals_single_process(tmp_path, world_size):
-    mp.spawn(
-        sharded_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path), ["muon"]), nprocs=world_size
-    )
-    single = run_sharded_muon()
-    for rank in range(world_size):
-        result = torch.load(tmp_path / f"muon_{rank}.pt")
-        assert_same(result["params"], single["params"], atol=0)
-        assert_same(result["momentum"], single["momentum"], atol=0)
-        assert result["comm_bytes"] > 0
-
-
-# Dion2 on row shards: rows as slices (16 x 24, and 2 x 12 with an empty shard on 3 ranks),
-# and columns as slices (24 x 16).
-DION2_SHAPES = [(16, 24)] * 3 + [(24, 16)] * 2 + [(2, 12)]
-DION2_CASES = {
-    "global_l1": {"selection_scope": "global"},
-    "global_random": {"selection_scope": "global", "selection": "random"},
-    "local_l1": {"selection_scope": "local"},
-    "local_l1_full_decay": {"selection_scope": "local", "decay": "full"},
-}
-
-
-def run_sharded_dion2(name, mesh=None):
-    def build(params, mesh):
-        return Dion2(params, lr=0.02, fraction=0.3, ef_decay=0.9, distributed_mesh=mesh, **DION2_CASES[name])
-
-    result, opt = run_row_sharded(build, DION2_SHAPES, 2, mesh)
-    return {**result, "stats": opt.selection_stats()}
-
-
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def dion2_sharded(request, tmp_path_factory):
-    world_size = request.param
-    out = tmp_path_factory.mktemp(f"dion2_fs{world_size}")
-    mp.spawn(
-        sharded_worker, args=(world_size, str(out / "init"), str(out), list(DION2_CASES)), nprocs=world_size
-    )
-    return world_size, {
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def sharded_results(request, tmp_path_factory):
+    layout = request.param
+    world_size = LAYOUTS[layout][0]
+    out = tmp_path_factory.mktemp(layout)
+    mp.spawn(layout_worker, args=(world_size, str(out / "init"), str(out), layout), nprocs=world_size)
+    return layout, {
         (name, rank): torch.load(out / f"{name}_{rank}.pt")
-        for name in DION2_CASES
+        for name in SHARDED_CASES
         for rank in range(world_size)
     }
 
 
-def local_scope_reference(result, world_size, decay):
-    """The local rule in float64: each shard's top ceil(0.3 x its rows) rows by l1; the union
-    is orthonormalized as one matrix (tall matrices select columns globally)."""
+def slice_ranges(layout, i, shape):
+    """The slice ranges that select on their own under the local scope: the shards of the
+    shorter side (one range when that side is not split)."""
+    world, mesh_shape, _, placements, _ = LAYOUTS[layout]
+    dim = 0 if shape[0] <= shape[1] else 1
+    parts = math.prod(size for size, pl in zip(mesh_shape, placements(i), strict=True) if pl == Shard(dim))
+    chunk = -(-shape[dim] // parts)
+    return [(lo, min(lo + chunk, shape[dim])) for lo in range(0, shape[dim], chunk)]
+
+
+def local_scope_reference(result, layout, decay):
+    """The local rule in float64: each slice range picks its top ceil(0.3 x its size) slices
+    by l1 norm over the whole slice; the union is orthonormalized as one matrix."""
     from tests.test_optimizers import ref_dion2
 
     params = []
-    for i, shape in enumerate(DION2_SHAPES):
+    for i, shape in enumerate(SHARDED_SHAPES):
         w, m = result["fulls"][i].double(), torch.zeros(shape, dtype=torch.float64)
         for step_grads in result["grads"]:
             g = step_grads[i].double()
-            if shape[0] <= shape[1]:
-                chunk = -(-shape[0] // world_size)
-                acc, rows = m + g, []
-                for s in range(world_size):
-                    lo, hi = s * chunk, min((s + 1) * chunk, shape[0])
-                    if hi > lo:
-                        k = -(-3 * (hi - lo) // 10)
-                        rows += (acc[lo:hi].abs().sum(dim=1).topk(k).indices + lo).tolist()
-                w, m = ref_dion2(w, g, m, 0.02, 0.3, 0.9, 0.01, rows=torch.tensor(sorted(rows)), decay=decay)
-            else:
-                w, m = ref_dion2(w, g, m, 0.02, 0.3, 0.9, 0.01, decay=decay)
+            acc = (m + g) if shape[0] <= shape[1] else (m + g).T
+            picks = []
+            for lo, hi in slice_ranges(layout, i, shape):
+                k = -(-3 * (hi - lo) // 10)
+                picks += (acc[lo:hi].abs().sum(dim=1).topk(k).indices + lo).tolist()
+            w, m = ref_dion2(w, g, m, 0.02, 0.3, 0.9, 0.01, rows=torch.tensor(sorted(picks)), decay=decay)
         params.append(w)
     return params
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(DION2_CASES))
-def test_row_sharded_dion2(dion2_sharded, name):
-    world_size, results = dion2_sharded
+@pytest.mark.parametrize("name", list(SHARDED_CASES))
+def test_sharded_step_equals_single_process(sharded_results, name):
+    layout, results = sharded_results
+    world_size = LAYOUTS[layout][0]
     for rank in range(world_size):
         result = results[(name, rank)]
+        assert result["comm_bytes"] > 0
         assert result["stats"] == results[(name, 0)]["stats"]  # the diagnostics agree on every rank
-        if name.startswith("global"):
-            single = run_sharded_dion2(name)
+        if "local" in name:
+            decay = "full" if "full" in name else "selective"
+            for got, want in zip(result["params"], local_scope_reference(result, layout, decay), strict=True):
+                torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+        else:
+            # Whole matrices are assembled bit for bit; only l1 norms and NorMuon's row sums
+            # over split rows are summed in another order.
+            single = run_sharded(name)
             assert_same(result["params"], single["params"], atol=1e-6)
             assert_same(result["momentum"], single["momentum"], atol=1e-6)
             assert result["stats"] == single["stats"]
-        else:
-            decay = "full" if "full" in name else "selective"
-            for got, want in zip(
-                result["params"], local_scope_reference(result, world_size, decay), strict=True
-            ):
-                torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)

@@ -1,0 +1,42 @@
+"""Gradient-norm clipping over parameters that may live on different device meshes."""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def local(t):
+    """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def distinct_shards(t):
+    """Into how many distinct pieces t is split (1 for a plain or replicated tensor)."""
+    if not isinstance(t, DTensor):
+        return 1
+    return math.prod(t.device_mesh.size(i) for i, pl in enumerate(t.placements) if pl.is_shard())
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale the gradients in place so their global l2 norm is at most `max_norm`; return the
+    norm before clipping, the same on every rank.
+
+    torch's clip_grad_norm_ stacks per-parameter norms, which fails when FSDP x TP leaves some
+    parameters on the 2-D (fs, tp) mesh and others on the fs mesh alone. Here every rank sums
+    the squares of its local pieces, each weighted by (distinct pieces / world size) so that
+    copies held by several ranks count once, and one all-reduce over all ranks adds them up.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    locals_ = [local(g) for g in grads]
+    weights = torch.tensor([distinct_shards(g) / world for g in grads], device=locals_[0].device)
+    squares = torch.stack(torch._foreach_norm(locals_)).float().square()
+    total = (squares * weights).sum()
+    if world > 1:
+        dist.all_reduce(total)
+    total = total.sqrt()
+    if math.isfinite(max_norm):
+        torch._foreach_mul_(locals_, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
