@@ -16,7 +16,7 @@ from data.loader import DataError, TokenLoader, ValidationData, find_shards
 from data.shards import EOT_TOKEN, ShardError
 from data.tokenizer import gpt2_encoding
 from models.gpt_model import GPT, GPTConfig
-from models.parallelize import apply_fsdp
+from models.parallelize import apply_fsdp, apply_tp, sync_tp_partial_grads
 from training.checkpoint import (
     CheckpointError,
     full_state,
@@ -31,7 +31,7 @@ from training.config import ConfigError, load_config, to_dict, to_yaml
 from training.distributed import grad_sync, init_distributed, mean_over_ranks, shutdown, wrap_model
 from training.grad_clip import clip_grad_norm
 from training.host_memory import keep_freed_memory
-from training.mesh import build_mesh, fsdp_mesh, mesh_sizes, optimizer_mesh
+from training.mesh import build_mesh, data_rank, fsdp_mesh, is_sharded, mesh_sizes, optimizer_meshes
 from training.metrics import MetricsLogger
 from training.param_groups import (
     ParamGroupError,
@@ -68,12 +68,13 @@ def main(argv):
     layout = mesh_sizes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     ctx = init_distributed(cfg.device)
     mesh = build_mesh(layout, ctx.device.type)
-    if cfg.batch_size % (cfg.device_batch_size * ctx.world_size):
+    batch_rank, batch_ranks = data_rank(mesh, ctx)
+    if cfg.batch_size % (cfg.device_batch_size * batch_ranks):
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be a multiple of device_batch_size "
-            f"{cfg.device_batch_size} x world size {ctx.world_size}"
+            f"{cfg.device_batch_size} x data-parallel ranks (dp_size x fs_size) {batch_ranks}"
         )
-    accum_steps = cfg.batch_size // (cfg.device_batch_size * ctx.world_size)
+    accum_steps = cfg.batch_size // (cfg.device_batch_size * batch_ranks)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     resume_path = resolve_resume(cfg.resume, run_dir)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
@@ -85,13 +86,13 @@ def main(argv):
                 f"({checkpoint['config'][changed[0]]}, config says {getattr(cfg, changed[0])})"
             )
 
-    # Data: the train stream and the fixed validation prefix, split over the ranks.
+    # Data: the train stream and the fixed validation prefix, split over the dp x fs ranks.
     loader = TokenLoader(
         find_shards(cfg.data_dir, "train"),
         cfg.device_batch_size,
         cfg.sequence_length,
-        ctx.rank,
-        ctx.world_size,
+        batch_rank,
+        batch_ranks,
         ctx.device,
     )
     val_data = ValidationData(
@@ -99,8 +100,8 @@ def main(argv):
         cfg.val_tokens,
         cfg.device_batch_size,
         cfg.sequence_length,
-        ctx.rank,
-        ctx.world_size,
+        batch_rank,
+        batch_ranks,
         ctx.device,
     )
     if ctx.is_main:
@@ -109,22 +110,29 @@ def main(argv):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    # Model: built without memory on the meta device, sharded, then materialised and initialised.
+    # Model: built without memory on the meta device, split by TP, sharded by FSDP, then
+    # materialised and initialised.
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     with torch.device("meta"):
         raw_model = GPT(GPTConfig(cfg.model_dim, cfg.n_layer, cfg.n_head, cfg.sequence_length))
-    if layout[1] > 1:
-        apply_fsdp(raw_model, fsdp_mesh(mesh), bf16_compute=use_bf16)
+    if layout[2] > 1:
+        apply_tp(raw_model, mesh["tp"])
+    # Under compressed sync the matrices' gradients skip the data-parallel all-reduce.
+    compressed = cfg.replicate_mesh_grad_sync and layout[0] > 1
+    if is_sharded(layout):
+        matrix_mesh = mesh["fs"] if compressed else None
+        apply_fsdp(raw_model, fsdp_mesh(mesh), bf16_compute=use_bf16, matrix_mesh=matrix_mesh)
     raw_model.to_empty(device=ctx.device)
     raw_model.init_weights(cfg.seed)
-    model = wrap_model(raw_model, ctx)
+    unsynced = [name for name, _ in raw_model.param_roles()["matrix"]] if compressed else []
+    model = wrap_model(raw_model, ctx, unsynced)
     if cfg.compile:
         model = torch.compile(model)
 
     # Optimizer: one param group per parameter role; the matrices get the orthonormal algorithm.
     groups = build_param_groups(raw_model, cfg)
-    optimizer = build_optimizer(groups, cfg, optimizer_mesh(mesh, ctx))
+    optimizer = build_optimizer(groups, cfg, optimizer_meshes(mesh, ctx))
     if ctx.is_main:
         print("\n".join(describe_param_groups(groups)))
 
@@ -150,6 +158,7 @@ def main(argv):
 
     def save(step):
         # Every rank helps gather the full state; rank 0 writes it, and any layout can load it.
+        optimizer.synchronize_for_checkpoint()
         model_state, optimizer_state = full_state(raw_model, optimizer)
         if ctx.is_main:
             state = {
@@ -175,6 +184,8 @@ def main(argv):
                 loss = model(x, y)
             (loss / accum_steps).backward()
             train_loss += loss.detach().float() / accum_steps
+        if layout[2] > 1:
+            sync_tp_partial_grads(raw_model, mesh["tp"])
         grad_norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip or math.inf)
         lr_scale = lr_multiplier(step, cfg.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio)
         for group in optimizer.param_groups:

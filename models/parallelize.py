@@ -57,16 +57,23 @@ def fsdp_placement(param):
     return Shard(0)
 
 
-def apply_fsdp(model, mesh, bf16_compute):
+def apply_fsdp(model, mesh, bf16_compute, matrix_mesh=None):
     """Shard every block, then the root, with FSDP2 over `mesh`: the fs mesh, or dp x fs for
     HSDP (replicated over dp, sharded over fs). With `bf16_compute`, parameters are cast to
-    bf16 for the forward and backward, while gradients reduce and weights stay in fp32."""
+    bf16 for the forward and backward, while gradients reduce and weights stay in fp32.
+
+    With `matrix_mesh` (the fs mesh alone), the blocks' matrices are sharded over it instead,
+    so FSDP never all-reduces their gradients over the replicas: compressed sync does that
+    in the optimizer."""
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bf16_compute
         else MixedPrecisionPolicy()
     )
     for block in model.blocks:
+        if matrix_mesh is not None:
+            for linear in (m for m in block.modules() if isinstance(m, torch.nn.Linear)):
+                fully_shard(linear, mesh=matrix_mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
         fully_shard(block, mesh=mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
     fully_shard(model, mesh=mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
     return model

@@ -4,8 +4,10 @@ iteration per update, with error feedback on the momentum."""
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices
+from optimizers.comm import Communicator, process_group
+from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, local_block
 
 QR_METHODS = ("cholesky_qr", "qr")
 
@@ -32,7 +34,15 @@ def orthonormalize_columns(p, method):
 class Dion(MatrixOptimizer):
     """M <- M + G; P = orth(M Q); R = M^T P; M <- M - (1 - mu) P R^T; Q <- R with unit
     columns; W <- W (1 - lr wd) - lr sqrt(fan_out / fan_in) P Q^T. Q (fan_in x r) carries
-    over between steps, r = ceil(rank_fraction * min(fan_out, fan_in))."""
+    over between steps, r = ceil(rank_fraction * min(fan_out, fan_in)).
+
+    Sharded matrices (DTensors split over `outer_shard_mesh`, `inner_shard_mesh` or both, in
+    blocks) never travel whole: each rank multiplies its block, and only the low-rank factors
+    P (fan_out x r) and R (fan_in x r) are summed over the shard meshes. Q stays replicated.
+    With a `replicate_mesh` and `replicate_mesh_grad_sync`, the replicas do not all-reduce the
+    matrices' gradients at all: P and R are averaged over the replicas instead (compressed
+    data-parallel sync), so each replica keeps its own momentum while the weights stay equal.
+    """
 
     def __init__(
         self,
@@ -50,8 +60,6 @@ class Dion(MatrixOptimizer):
         qr_method="cholesky_qr",
         seed=0,
     ):
-        if any(mesh is not None for mesh in (replicate_mesh, outer_shard_mesh, inner_shard_mesh)):
-            raise NotImplementedError("Dion: device meshes are not supported yet; pass None for one process")
         defaults = dict(
             lr=lr,
             mu=mu,
@@ -61,9 +69,26 @@ class Dion(MatrixOptimizer):
             rank_fraction=rank_fraction,
             qr_method=qr_method,
             seed=seed,
-            replicate_mesh_grad_sync=replicate_mesh_grad_sync,
+        )
+        groups = [process_group(m) for m in (outer_shard_mesh, inner_shard_mesh)]
+        self.shard_comms = [Communicator(g) for g in groups if g is not None]
+        replicate = process_group(replicate_mesh)
+        self.replicate_comm = (
+            Communicator(replicate) if replicate is not None and replicate_mesh_grad_sync else None
         )
         super().__init__(params, defaults)
+
+    def _shards_supported(self, p):
+        allowed = (Shard(0), Shard(1), Replicate())
+        shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
+        return (
+            p.ndim == 2
+            and all(pl in allowed for pl in p.placements)
+            and shards == math.prod(c.world_size for c in self.shard_comms)
+        )
+
+    def _communicators(self):
+        return [*self.shard_comms, self.replicate_comm]
 
     def _check_matrix_group(self, group):
         if not 0 < group["rank_fraction"] <= 1:
@@ -83,18 +108,60 @@ class Dion(MatrixOptimizer):
         q = torch.linalg.qr(torch.randn(batch, n, rank, generator=generator)).Q
         return {"momentum": torch.zeros_like(p), "q": q.to(p.device, p.dtype)}
 
+    def _reduce(self, partial):
+        """Sum a low-rank factor over the shard meshes, then average it over the replicas."""
+        for comm in self.shard_comms:
+            comm.all_reduce_sum(partial)
+        if self.replicate_comm is not None:
+            self.replicate_comm.all_reduce_sum(partial).div_(self.replicate_comm.world_size)
+        return partial
+
     def _update_bucket(self, group, params):
         mu, eps = group["mu"], group["epsilon"]
-        for p in params:
-            state = self.state[p]
-            momentum = as_matrices(state["momentum"], False)
-            momentum += as_matrices(p.grad, False)
-            basis = orthonormalize_columns(momentum @ state["q"], group["qr_method"])
-            r = momentum.mT @ basis
-            momentum.baddbmm_(basis, r.mT, alpha=-(1 - mu))  # error feedback
+        sharded = isinstance(params[0], DTensor)
+        local = DTensor.to_local if sharded else (lambda t: t)
+        # A sharded matrix's block, possibly empty, as a batch of one.
+        matrices = (lambda t: t.to_local().unsqueeze(0)) if sharded else (lambda t: as_matrices(t, False))
+        blocks = [local_block(p) if sharded else (0, p.shape[-2], 0, p.shape[-1]) for p in params]
+        states = [self.state[p] for p in params]
+        momenta = [matrices(s["momentum"]) for s in states]
+        torch._foreach_add_(momenta, [matrices(p.grad) for p in params])
+        m, n = as_matrices(params[0], False).shape[-2:]
+
+        def reduced(factors, height, offsets):
+            # Place each rank's rows of a low-rank factor in a full-height buffer and sum.
+            full = torch.zeros(
+                len(factors),
+                *factors[0].shape[:-2],
+                height,
+                factors[0].size(-1),
+                device=factors[0].device,
+                dtype=factors[0].dtype,
+            )
+            for x, (f, start) in enumerate(zip(factors, offsets, strict=True)):
+                full[x, ..., start : start + f.size(-2), :] = f
+            return self._reduce(full) if sharded or self.replicate_comm is not None else full
+
+        ps = reduced(
+            [
+                mom @ s["q"][:, c0 : c0 + nc]
+                for mom, s, (_, _, c0, nc) in zip(momenta, states, blocks, strict=True)
+            ],
+            m,
+            [b[0] for b in blocks],
+        )
+        bases = [orthonormalize_columns(pf, group["qr_method"]) for pf in ps]
+        rows = [basis[:, r0 : r0 + nr] for basis, (r0, nr, _, _) in zip(bases, blocks, strict=True)]
+        rs = reduced([mom.mT @ b for mom, b in zip(momenta, rows, strict=True)], n, [b[2] for b in blocks])
+        updates = []
+        for mom, state, row_basis, r, (_, _, c0, nc) in zip(momenta, states, rows, rs, blocks, strict=True):
+            cols = slice(c0, c0 + nc)
+            mom.baddbmm_(row_basis, r[:, cols].mT, alpha=-(1 - mu))  # error feedback
             norms = r.norm(dim=-2, keepdim=True)
             # A zero column of R (a zero momentum) keeps its old direction instead of dying.
             state["q"] = torch.where(norms > eps, r / norms.clamp_min(eps), state["q"])
-            m, n = momentum.shape[-2:]
-            update = (basis @ state["q"].mT).view_as(p)
-            self._apply(group, [p], [update], math.sqrt(m / n))
+            updates.append(row_basis @ state["q"][:, cols].mT)
+        weights = [local(p) for p in params]
+        self._apply(
+            group, weights, [u.view_as(w) for u, w in zip(updates, weights, strict=True)], math.sqrt(m / n)
+        )

@@ -6,6 +6,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
+from optimizers.comm import Communicator, process_group
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
 
 SELECTIONS = ("l1", "random")
@@ -29,6 +30,12 @@ class Dion2(MatrixOptimizer):
 
     `decay="full"` decays all of M instead (the paper's ablation). Random selection draws
     from (seed, parameter index, step), so every replica and every resume draws the same rows.
+
+    Compressed data-parallel sync (paper Section 3.2): with random selection, a
+    `replicate_mesh` and `replicate_mesh_grad_sync`, the replicas skip the matrices' gradient
+    all-reduce and average only the selected slices M[K] before orthonormalizing. Each
+    replica's momentum drifts apart elsewhere, but their mean stays the momentum of the
+    synchronized run, so every replica applies the same update.
     """
 
     def __init__(
@@ -50,6 +57,8 @@ class Dion2(MatrixOptimizer):
         decay="selective",
         seed=0,
         ns_dtype=None,
+        replicate_mesh=None,
+        replicate_mesh_grad_sync=True,
     ):
         defaults = dict(
             lr=lr,
@@ -68,6 +77,24 @@ class Dion2(MatrixOptimizer):
             ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults, distributed_mesh, use_triton)
+        replicate = process_group(replicate_mesh)
+        self.replicate_comm = None
+        if replicate is not None and replicate_mesh_grad_sync:
+            if any(g["selection"] != "random" for g in self.param_groups if g["algorithm"] == "dion2"):
+                raise ValueError(
+                    "replicate_mesh_grad_sync needs selection='random': every replica must select the "
+                    "same slices without the full momentum"
+                )
+            self.replicate_comm = Communicator(replicate)
+
+    def _sync_replicas(self, selected):
+        """Average each replica's selected slices, in place (compressed sync only)."""
+        if self.replicate_comm is None or not selected:
+            return
+        flat = self.replicate_comm.all_reduce_sum(torch.cat([t.reshape(-1) for t in selected]))
+        flat /= self.replicate_comm.world_size
+        for t, part in zip(selected, flat.split([t.numel() for t in selected]), strict=True):
+            t.copy_(part.view_as(t))
 
     def _check_matrix_group(self, group):
         if not 0 < group["fraction"] <= 1:
@@ -169,6 +196,7 @@ class Dion2(MatrixOptimizer):
             local_index.append(index)
             pieces.append(view.index_select(0, index))
             selected_blocks.append(blocks)
+        self._sync_replicas(pieces)
         updates = [None] * len(params)
         by_k = {}
         for x, c in enumerate(chosen):
@@ -211,6 +239,7 @@ class Dion2(MatrixOptimizer):
             selected.append(slices.gather(1, index))
             self._record_selection(state, indices, step)
 
+        self._sync_replicas(selected)
         ortho = self._orthonormalize(group, torch.cat(selected))
 
         if group["decay"] == "full":

@@ -67,6 +67,9 @@ class MatrixOptimizer(ScalarOptimizer):
     """Base of Muon, NorMuon, Dion2 and Dion: the class's own algorithm for matrix groups,
     AdamW or Lion for the groups that ask for them."""
 
+    # The replicas' communicator under compressed data-parallel sync (Dion, Dion2), else None.
+    replicate_comm = None
+
     def __init__(self, params, defaults, distributed_mesh=None, use_triton=False):
         if use_triton:
             raise NotImplementedError(f"{type(self).__name__}: use_triton=True has no kernels yet")
@@ -81,7 +84,7 @@ class MatrixOptimizer(ScalarOptimizer):
                     f"({p.ndim}-D, placements {p.placements}); sharded matrices must be 2-D blocks "
                     "(Shard(0), Shard(1) or Replicate on each mesh dimension) with a distributed_mesh"
                 )
-        self.blocks = self._gather_blocks(sharded) if sharded else {}
+        self.blocks = self._gather_blocks(sharded) if sharded and self.comm is not None else {}
 
     def _shards_supported(self, p):
         """Whether the algorithm handles this DTensor parameter: 2-D blocks exchanged over
@@ -111,8 +114,21 @@ class MatrixOptimizer(ScalarOptimizer):
     def _matrix_params(self):
         return [p for g in self.param_groups if g["algorithm"] == self.algorithm_name() for p in g["params"]]
 
+    def _communicators(self):
+        return [self.comm, self.replicate_comm]
+
     def comm_bytes(self):
-        return self.comm.take_bytes() if self.comm is not None else 0
+        return sum(c.take_bytes() for c in self._communicators() if c is not None)
+
+    def synchronize_for_checkpoint(self):
+        """Average the matrices' momenta over the replicas, which compressed sync lets drift
+        apart, so that a checkpoint holds one momentum. A no-op without compressed sync."""
+        if self.replicate_comm is None:
+            return
+        for p in self._matrix_params():
+            momentum = self.state[p]["momentum"]
+            momentum = momentum.to_local() if isinstance(momentum, DTensor) else momentum
+            self.replicate_comm.all_reduce_sum(momentum).div_(self.replicate_comm.world_size)
 
     @classmethod
     def algorithm_name(cls):

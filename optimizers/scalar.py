@@ -76,6 +76,9 @@ class ScalarOptimizer(torch.optim.Optimizer):
         """Bytes the optimizer's collectives moved on this rank since the last call."""
         return 0
 
+    def synchronize_for_checkpoint(self):
+        """Make the state equal on every replica before a save (nothing to do here)."""
+
     def _new_state(self, p, group):
         if group["algorithm"] == "adamw":
             return {

@@ -73,6 +73,15 @@ def test_string_keys_keep_the_text():
         (["--precision", "fp16"], "precision must be one of"),
         (["--run_name", "a/b"], "plain folder name"),
         (["--lr", "-1"], "lr must be >= 0"),
+        (
+            ["--replicate_mesh_grad_sync", "true"],
+            "replicate_mesh_grad_sync needs optimizer dion, or dion2 with selection random "
+            "\\(got optimizer dion2, selection l1\\)",
+        ),
+        (
+            ["--replicate_mesh_grad_sync", "true", "--optimizer", "dion", "--grad_clip", "1"],
+            "grad_clip 1.0 cannot be used with replicate_mesh_grad_sync",
+        ),
     ],
 )
 def test_values_are_checked(argv, message):

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from optimizers import AdamWLion, Dion2, Muon, NorMuon
+from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
 
 # Five matrices of one shape (an uneven split over 2 or 3 ranks), two of another, a batch of
 # matrices, and a vector in an AdamW group.
@@ -137,6 +137,12 @@ LAYOUTS = {
         lambda mesh: mesh["fs", "tp"]._flatten("fs_tp"),
     ),
 }
+# Dion's (outer_shard_mesh, inner_shard_mesh) on each layout's mesh.
+DION_MESHES = {
+    "hsdp2x2": lambda mesh: (mesh["fs"], None),
+    "tp2": lambda mesh: (None, mesh),
+    "fsdp2xtp2": lambda mesh: (mesh["fs"], mesh["tp"]),
+}
 # Rows as slices (16 x 24), columns as slices (24 x 16), an uneven split (10 x 12 over 4 ranks:
 # 3, 3, 3, 1) and a matrix with fewer rows than ranks (2 x 12: empty shards).
 SHARDED_SHAPES = [(16, 24)] * 3 + [(24, 16)] * 2 + [(10, 12), (2, 12)]
@@ -147,6 +153,7 @@ SHARDED_CASES = {
     "dion2_global_random": (Dion2, {"selection_scope": "global", "selection": "random"}),
     "dion2_local_l1": (Dion2, {"selection_scope": "local"}),
     "dion2_local_l1_full_decay": (Dion2, {"selection_scope": "local", "decay": "full"}),
+    "dion": (Dion, {"rank_fraction": 0.5}),
 }
 DION2_SETTINGS = {"fraction": 0.3, "ef_decay": 0.9}
 
@@ -166,7 +173,11 @@ def run_sharded(name, layout=None, mesh=None):
         placements, optimizer_mesh = LAYOUTS[layout][3], LAYOUTS[layout][4](mesh)
         shard, full = (lambda t, i: distribute_tensor(t, mesh, placements(i))), (lambda t: t.full_tensor())
     params = [shard(f, i) for i, f in enumerate(fulls)]
-    opt = cls(params, lr=0.02, distributed_mesh=optimizer_mesh, **kwargs)
+    if cls is Dion:
+        meshes = (None, None) if mesh is None else DION_MESHES.get(layout, lambda mesh: (mesh, None))(mesh)
+        opt = cls(params, lr=0.02, outer_shard_mesh=meshes[0], inner_shard_mesh=meshes[1], **kwargs)
+    else:
+        opt = cls(params, lr=0.02, distributed_mesh=optimizer_mesh, **kwargs)
     for step_grads in grads:
         for i, (p, g) in enumerate(zip(params, step_grads, strict=True)):
             p.grad = shard(g, i)
@@ -187,6 +198,12 @@ def layout_worker(rank, world_size, init_file, out_dir, layout):
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
         for name in SHARDED_CASES:
             torch.save(run_sharded(name, layout, mesh), os.path.join(out_dir, f"{name}_{rank}.pt"))
+        if layout == "fsdp2xtp2":  # a mesh that holds only some of the blocks is refused
+            p = distribute_tensor(torch.zeros(8, 8), mesh, [Shard(1), Shard(0)])
+            try:
+                Muon([p], distributed_mesh=mesh["fs"])
+            except ValueError as e:
+                torch.save(str(e), os.path.join(out_dir, f"refused_{rank}.pt"))
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -195,11 +212,14 @@ def sharded_results(request, tmp_path_factory):
     world_size = LAYOUTS[layout][0]
     out = tmp_path_factory.mktemp(layout)
     mp.spawn(layout_worker, args=(world_size, str(out / "init"), str(out), layout), nprocs=world_size)
-    return layout, {
+    results = {
         (name, rank): torch.load(out / f"{name}_{rank}.pt")
         for name in SHARDED_CASES
         for rank in range(world_size)
     }
+    if (out / "refused_0.pt").exists():
+        results["refused"] = torch.load(out / "refused_0.pt")
+    return layout, results
 
 
 def slice_ranges(layout, i, shape):
@@ -233,6 +253,17 @@ def local_scope_reference(result, layout, decay):
 
 
 @pytest.mark.slow
+def test_a_mesh_that_does_not_tile_the_matrix_is_refused(sharded_results):
+    layout, results = sharded_results
+    if layout != "fsdp2xtp2":
+        pytest.skip("checked on the FSDP x TP layout")
+    assert results["refused"] == (
+        "a parameter of shape (8, 8) (placements (Shard(dim=1), Shard(dim=0))) is not tiled by the 2 "
+        "ranks of distributed_mesh; pass the mesh that shards it"
+    )
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SHARDED_CASES))
 def test_sharded_step_equals_single_process(sharded_results, name):
     layout, results = sharded_results
@@ -246,9 +277,70 @@ def test_sharded_step_equals_single_process(sharded_results, name):
             for got, want in zip(result["params"], local_scope_reference(result, layout, decay), strict=True):
                 torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
         else:
-            # Whole matrices are assembled bit for bit; only l1 norms and NorMuon's row sums
-            # over split rows are summed in another order.
+            # Whole matrices are assembled bit for bit; only l1 norms, NorMuon's row sums and
+            # Dion's low-rank products over split rows or columns are summed in another order.
             single = run_sharded(name)
             assert_same(result["params"], single["params"], atol=1e-6)
             assert_same(result["momentum"], single["momentum"], atol=1e-6)
             assert result["stats"] == single["stats"]
+
+
+# Compressed data-parallel sync: each replica holds its own gradient, and the optimizer
+# averages only M[K] (Dion2, random selection) or P and R (Dion). The reference is one process
+# stepping on the replicas' mean gradient.
+COMPRESSED_CASES = {
+    "dion2_random": (Dion2, {"fraction": 0.5, "selection": "random"}),
+    "dion": (Dion, {"rank_fraction": 0.5}),
+}
+
+
+def run_compressed(name, rank=None, world_size=1):
+    """STEPS steps on replica `rank` of `world_size` (rank None: one process on the mean
+    gradient). Returns the weights, and the momenta before and after synchronize_for_checkpoint."""
+    cls, kwargs = COMPRESSED_CASES[name]
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [
+        [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(world_size)] for _ in range(STEPS)
+    ]
+    mesh = {"replicate_mesh": dist.group.WORLD} if rank is not None else {}
+    if cls is Dion2 and rank is not None:
+        mesh["distributed_mesh"] = dist.group.WORLD
+    opt = cls(params, lr=0.02, **mesh, **kwargs)
+    for replica_grads in grads:
+        for i, p in enumerate(params):
+            if rank is None:
+                p.grad = torch.stack([g[i] for g in replica_grads]).mean(0)
+            else:
+                p.grad = replica_grads[rank][i]
+        opt.step()
+    drifted = [opt.state[p]["momentum"].clone() for p in params]
+    opt.synchronize_for_checkpoint()
+    return {
+        "params": params,
+        "drifted": drifted,
+        "momentum": [opt.state[p]["momentum"] for p in params],
+        "comm_bytes": opt.comm_bytes(),
+    }
+
+
+def compressed_worker(rank, world_size, init_file, out_dir):
+    with gloo(rank, world_size, init_file):
+        for name in COMPRESSED_CASES:
+            result = run_compressed(name, rank, world_size)
+            torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_compressed_sync_equals_the_synchronized_run(tmp_path):
+    mp.spawn(compressed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for name in COMPRESSED_CASES:
+        single = run_compressed(name, world_size=2)
+        results = [torch.load(tmp_path / f"{name}_{rank}.pt") for rank in range(2)]
+        for result in results:
+            assert_same(result["params"], results[0]["params"], atol=0)  # equal on every replica
+            assert_same(result["params"], single["params"], atol=1e-6)
+            # Averaged before a save, the momenta are the synchronized run's.
+            assert_same(result["momentum"], single["momentum"], atol=1e-6)
+        # Between saves each replica keeps its own momentum.
+        assert not torch.equal(results[0]["drifted"][0], results[1]["drifted"][0])

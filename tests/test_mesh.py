@@ -37,17 +37,6 @@ def test_unset_sizes_are_one():
             r"tp_size 5 must divide the padded vocabulary",
         ),
         (2, ["--dp_size", "0", "--fs_size", "2"], r"dp_size must be >= 1, got 0"),
-        (
-            4,
-            ["--fs_size", "2", "--dp_size", "2", "--optimizer", "dion"],
-            r"optimizer dion with fs_size 2: not on sharded weights yet",
-        ),
-        (
-            2,
-            ["--fs_size", "2", "--optimizer", "normuon"],
-            r"optimizer normuon with fs_size 2: not on sharded",
-        ),
-        (2, ["--tp_size", "2"], r"tp_size 2: tensor parallelism is not built yet"),
     ],
 )
 def test_bad_layouts(world, argv, message):
@@ -80,29 +69,49 @@ def assert_close_losses(records, reference):
                 assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
 
 
+# Global scope makes Dion2 the single-process rule on every layout (local scope is its own
+# rule, checked against a reference in test_distributed_optimizers).
+DION2 = {"optimizer": "dion2", "selection_scope": "global", "lr": 0.02, "scalar_lr": 0.01}
+LAYOUT_RUNS = {
+    "ddp2-dion2": (2, ["--dp_size", "2"], DION2),
+    "fsdp2-dion2": (2, ["--fs_size", "2"], DION2),
+    "tp2-dion2": (2, ["--tp_size", "2"], DION2),
+    "hsdp2x2-dion2": (4, ["--dp_size", "2", "--fs_size", "2"], DION2),
+    "hsdp2x2-adamw": (4, ["--dp_size", "2", "--fs_size", "2"], {}),
+    **{
+        f"fsdp2xtp2-{optimizer}": (
+            4,
+            ["--fs_size", "2", "--tp_size", "2"],
+            {**DION2, "optimizer": optimizer} if optimizer != "adamw" else {},
+        )
+        for optimizer in ("dion2", "muon", "normuon", "dion", "adamw")
+    },
+    # Compressed sync: replicas average only the selected rows (Dion2, random selection) or
+    # the low-rank factors (Dion); equal to the synchronized run up to float reordering.
+    "ddp2-dion2-compressed": (
+        2,
+        ["--dp_size", "2", "--replicate_mesh_grad_sync", "true"],
+        {**DION2, "selection": "random"},
+    ),
+    "hsdp2x2-dion-compressed": (
+        4,
+        ["--dp_size", "2", "--fs_size", "2", "--replicate_mesh_grad_sync", "true"],
+        {**DION2, "optimizer": "dion"},
+    ),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("nproc", "layout", "options"),
-    [
-        (2, ["--fs_size", "2"], {}),
-        (4, ["--dp_size", "2", "--fs_size", "2"], {}),
-        (2, ["--fs_size", "2"], {"optimizer": "muon", "lr": 0.02, "scalar_lr": 0.01}),
-        (4, ["--dp_size", "2", "--fs_size", "2"], {"optimizer": "muon", "lr": 0.02, "scalar_lr": 0.01}),
-        (
-            2,
-            ["--fs_size", "2"],
-            {"optimizer": "dion2", "selection_scope": "global", "lr": 0.02, "scalar_lr": 0.01},
-        ),
-    ],
-    ids=["fsdp2-adamw", "hsdp2x2-adamw", "fsdp2-muon", "hsdp2x2-muon", "fsdp2-dion2-global"],
-)
-def test_fsdp_matches_one_process(tmp_path, nproc, layout, options):
+@pytest.mark.parametrize("run", list(LAYOUT_RUNS))
+def test_layout_matches_one_process(tmp_path, run):
     from tests.conftest import run_train, train_argv
 
-    single = run_train(tmp_path, "single", num_iterations=4, device_batch_size=2, **options)
-    argv = train_argv(tmp_path, "sharded", num_iterations=4, device_batch_size=2, sample_tokens=4, **options)
+    nproc, layout, options = LAYOUT_RUNS[run]
+    settings = {"num_iterations": 10, "device_batch_size": 2, "val_loss_every": 5, **options}
+    single = run_train(tmp_path, "single", **settings)
+    argv = train_argv(tmp_path, "sharded", sample_tokens=4, **settings)
     result = torchrun(nproc, [*argv, *layout])
-    assert (tmp_path / "sharded" / "checkpoints" / "step_000004.pt").exists(), result.stderr[-3000:]
+    assert (tmp_path / "sharded" / "checkpoints" / "step_000010.pt").exists(), result.stderr[-3000:]
     assert_close_losses(losses(tmp_path / "sharded"), single)
     # Sampling needs every rank (it deadlocked when rank 0 sampled alone). The exit code is not
     # checked: gloo ranks rarely abort at exit after finishing their work.
@@ -111,12 +120,12 @@ def test_fsdp_matches_one_process(tmp_path, nproc, layout, options):
 
 @pytest.mark.slow
 def test_resume_across_layouts(tmp_path):
-    """Saved under FSDP on 2 ranks, resumed under DDP on 2 ranks and in one process."""
+    """Saved under FSDP x TP on 4 ranks, resumed under DDP on 2 ranks and in one process."""
     from tests.conftest import run_train, train_argv
 
-    settings = {"num_iterations": 8, "checkpoint_every": 4, "keep_checkpoints": 5}
+    settings = {"num_iterations": 8, "checkpoint_every": 4, "keep_checkpoints": 5, **DION2}
     reference = run_train(tmp_path, "reference", **settings)
-    result = torchrun(2, [*train_argv(tmp_path, "fsdp", **settings), "--fs_size", "2"])
+    result = torchrun(4, [*train_argv(tmp_path, "fsdp", **settings), "--fs_size", "2", "--tp_size", "2"])
     saved = tmp_path / "fsdp" / "checkpoints" / "step_000004.pt"
     assert saved.exists(), result.stderr[-3000:]
     resumed = run_train(tmp_path, "single", resume=str(saved), **settings)

@@ -57,6 +57,9 @@ class TrainConfig:
     use_polar_express: bool = True  # Newton-Schulz coefficients: Polar Express or the quintic
     muon_beta2: float = 0.95  # NorMuon's per-neuron second moment
     diagnostics_every: int = 10  # log Dion2's selection diagnostics every N steps; 0 = never
+    # compressed data-parallel sync: Dion (low-rank factors) or Dion2 with random selection
+    # (selected rows) all-reduce in the optimizer instead of the matrices' gradients
+    replicate_mesh_grad_sync: bool = False
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     grad_clip: float = 0.0  # 0 = off
@@ -220,6 +223,17 @@ def validate(cfg):
     for key in ("scalar_lr", "lm_head_lr_scale"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0 or null, got {getattr(cfg, key)}")
+    if cfg.replicate_mesh_grad_sync:
+        if not (cfg.optimizer == "dion" or (cfg.optimizer == "dion2" and cfg.selection == "random")):
+            raise ConfigError(
+                "replicate_mesh_grad_sync needs optimizer dion, or dion2 with selection random "
+                f"(got optimizer {cfg.optimizer}, selection {cfg.selection}): l1 needs the full momentum"
+            )
+        if cfg.grad_clip:
+            raise ConfigError(
+                f"grad_clip {cfg.grad_clip} cannot be used with replicate_mesh_grad_sync: the replicas never "
+                "hold the averaged gradient whose norm it clips; set grad_clip 0"
+            )
     if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name.startswith(".")):
         raise ConfigError(f"run_name must be a plain folder name, got '{cfg.run_name}'")
 

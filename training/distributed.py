@@ -72,12 +72,16 @@ def shutdown(ctx):
         dist.destroy_process_group()
 
 
-def wrap_model(model, ctx):
-    """Wrap the model for DDP when there is more than one rank and FSDP does not shard it."""
+def wrap_model(model, ctx, unsynced=()):
+    """Wrap the model for DDP when there is more than one rank and FSDP does not shard it.
+    DDP leaves the gradients of the parameters named in `unsynced` alone (compressed sync
+    averages them in the optimizer)."""
     if ctx.world_size == 1 or isinstance(model, FSDPModule):
         return model
+    DDP = torch.nn.parallel.DistributedDataParallel
+    DDP._set_params_and_buffers_to_ignore_for_model(model, list(unsynced))
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return DDP(model, device_ids=device_ids)
 
 
 def grad_sync(model, sync):

@@ -5,9 +5,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from models.gpt_model import GPTConfig
 from training.config import ConfigError
 
-# The optimizers that run on FSDP-sharded weights so far.
-SHARDED_OPTIMIZERS = ("dion2", "muon", "adamw")
-
 
 def mesh_sizes(cfg, world_size):
     """(dp, fs, tp) for `world_size` ranks, or a ConfigError before any work starts.
@@ -31,13 +28,6 @@ def mesh_sizes(cfg, world_size):
     for name, size in (("n_head", cfg.n_head), ("padded vocabulary", model.padded_vocab_size)):
         if size % tp:
             raise ConfigError(f"tp_size {tp} must divide the {name} ({size})")
-    if tp > 1:
-        raise ConfigError(f"tp_size {tp}: tensor parallelism is not built yet; use dp_size and fs_size")
-    if fs > 1 and cfg.optimizer not in SHARDED_OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer {cfg.optimizer} with fs_size {fs}: not on sharded weights yet; use "
-            f"{' or '.join(SHARDED_OPTIMIZERS)} with FSDP, or dp_size alone"
-        )
     return dp, fs, tp
 
 
@@ -48,14 +38,52 @@ def build_mesh(layout, device_type):
     return init_device_mesh(device_type, layout, mesh_dim_names=("dp", "fs", "tp"))
 
 
+def is_sharded(layout):
+    """Whether weights are sharded (FSDP or TP), rather than replicated or whole."""
+    return layout[1] > 1 or layout[2] > 1
+
+
 def fsdp_mesh(mesh):
-    """The mesh FSDP shards over: fs, or dp x fs (HSDP) when there are also replicas."""
+    """The mesh FSDP shards over: fs, or dp x fs (HSDP) when there are also replicas. Under
+    TP with fs_size 1, FSDP still wraps the model over a mesh of one (it then only replicates
+    over dp), so that every parameter is a DTensor and replicas sync the TP shards."""
     return mesh["dp", "fs"] if mesh["dp"].size() > 1 else mesh["fs"]
 
 
-def optimizer_mesh(mesh, ctx):
-    """What the matrix optimizers exchange over: the fs mesh when weights are sharded, else
-    the data-parallel group of all ranks (None in one process)."""
-    if mesh is not None and mesh["fs"].size() > 1:
-        return mesh["fs"]
-    return ctx.group
+def data_rank(mesh, ctx):
+    """(rank, ranks) over which batches are split: the flattened dp x fs ranks. TP ranks
+    share their batches."""
+    if mesh is None:
+        return ctx.rank, ctx.world_size
+    dp, fs, _ = mesh.get_coordinate()
+    return dp * mesh["fs"].size() + fs, mesh["dp"].size() * mesh["fs"].size()
+
+
+def optimizer_meshes(mesh, ctx):
+    """The meshes the optimizers take, by their constructor argument names.
+
+    distributed_mesh (Muon, NorMuon, Dion2): the ranks that hold distinct blocks of a sharded
+    weight (fs, tp, or both flattened into one dimension), else the data-parallel group of
+    all ranks (None in one process). replicate_mesh: the dp dimension, for compressed sync.
+    outer_shard_mesh and inner_shard_mesh (Dion): fs and tp.
+    """
+    if mesh is None:
+        return {
+            "distributed_mesh": ctx.group,
+            "replicate_mesh": None,
+            "outer_shard_mesh": None,
+            "inner_shard_mesh": None,
+        }
+    fs, tp = mesh["fs"].size(), mesh["tp"].size()
+    if fs > 1 and tp > 1:
+        distributed = mesh["fs", "tp"]._flatten("fs_tp")
+    elif fs > 1 or tp > 1:
+        distributed = mesh["fs"] if fs > 1 else mesh["tp"]
+    else:
+        distributed = ctx.group
+    return {
+        "distributed_mesh": distributed,
+        "replicate_mesh": mesh["dp"] if mesh["dp"].size() > 1 else None,
+        "outer_shard_mesh": mesh["fs"] if fs > 1 else None,
+        "inner_shard_mesh": mesh["tp"] if tp > 1 else None,
+    }

@@ -89,13 +89,21 @@ def describe_param_groups(groups):
     ]
 
 
-def build_optimizer(groups, cfg, distributed_mesh=None):
+def build_optimizer(groups, cfg, meshes=None):
     """The optimizer of `cfg.optimizer` over `groups`, with the config's hyperparameters.
 
-    `distributed_mesh` lets Muon, NorMuon and Dion2 split the orthonormalization of
-    replicated matrices over the data-parallel ranks, and Muon exchange FSDP-sharded rows.
+    `meshes` (from training.mesh.optimizer_meshes; none in one process) maps the optimizers'
+    mesh arguments to their meshes: Muon, NorMuon and Dion2 split or exchange their work over
+    distributed_mesh; Dion works over outer_shard_mesh and inner_shard_mesh; compressed sync
+    runs over replicate_mesh.
     """
+    meshes = meshes or {}
+    distributed_mesh = meshes.get("distributed_mesh")
     common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    replicate = {
+        "replicate_mesh": meshes.get("replicate_mesh"),
+        "replicate_mesh_grad_sync": cfg.replicate_mesh_grad_sync,
+    }
     muon_like = {
         **common,
         "distributed_mesh": distributed_mesh,
@@ -118,13 +126,23 @@ def build_optimizer(groups, cfg, distributed_mesh=None):
             selection_scope=cfg.selection_scope,
             decay=cfg.decay,
             seed=cfg.seed,
+            **replicate,
         )
     if cfg.optimizer == "muon":
         return Muon(groups, **muon_like)
     if cfg.optimizer == "normuon":
         return NorMuon(groups, **muon_like, muon_beta2=cfg.muon_beta2)
     if cfg.optimizer == "dion":
-        return Dion(groups, **common, mu=cfg.mu, rank_fraction=cfg.ortho_fraction, seed=cfg.seed)
+        return Dion(
+            groups,
+            **common,
+            **replicate,
+            outer_shard_mesh=meshes.get("outer_shard_mesh"),
+            inner_shard_mesh=meshes.get("inner_shard_mesh"),
+            mu=cfg.mu,
+            rank_fraction=cfg.ortho_fraction,
+            seed=cfg.seed,
+        )
     return AdamWLion(groups, **common)
 
 
