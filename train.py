@@ -19,9 +19,8 @@ from models.gpt_model import GPT, GPTConfig
 from models.parallelize import apply_fsdp, apply_tp, sync_tp_partial_grads
 from training.checkpoint import (
     CheckpointError,
-    full_state,
     load_checkpoint,
-    load_full_state,
+    load_model_and_optimizer,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -139,7 +138,7 @@ def main(argv):
     # Resume: weights, optimizer, data position and RNGs, so the run continues exactly.
     step = 0
     if checkpoint is not None:
-        load_full_state(raw_model, optimizer, checkpoint["model"], checkpoint["optimizer"])
+        load_model_and_optimizer(resume_path, raw_model, optimizer)
         loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
@@ -157,20 +156,16 @@ def main(argv):
     )
 
     def save(step):
-        # Every rank helps gather the full state; rank 0 writes it, and any layout can load it.
+        # Every rank writes its shards of the model and optimizer; any layout can load them.
         optimizer.synchronize_for_checkpoint()
-        model_state, optimizer_state = full_state(raw_model, optimizer)
-        if ctx.is_main:
-            state = {
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "loader": loader.state_dict(),
-                "rng": rng_state(),
-                "step": step,
-                "config": to_dict(cfg),
-                "wandb_id": logger.wandb_id,
-            }
-            save_checkpoint(run_dir, step, state, cfg.keep_checkpoints)
+        meta = {
+            "loader": loader.state_dict(),
+            "rng": rng_state(),
+            "step": step,
+            "config": to_dict(cfg),
+            "wandb_id": logger.wandb_id if ctx.is_main else None,
+        }
+        save_checkpoint(run_dir, step, raw_model, optimizer, meta, cfg.keep_checkpoints)
 
     # The loop: accumulate micro-batches, clip the gradient, step, evaluate, checkpoint.
     tokens_per_step = cfg.batch_size * cfg.sequence_length

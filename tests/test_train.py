@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from tests.conftest import REPO, make_shards, run_train, torchrun, train_argv
 from training.checkpoint import list_checkpoints, load_checkpoint
@@ -78,8 +77,10 @@ def test_metrics_and_run_folder(tmp_path):
     assert records[-1]["tokens"] == 8 * 8 * 16
     run = tmp_path / "m"
     assert "model_dim: 32" in (run / "config.yaml").read_text()
-    state = load_checkpoint(list_checkpoints(run)[-1])
-    assert set(state) == {"model", "optimizer", "loader", "rng", "step", "config", "wandb_id"}
+    saved = list_checkpoints(run)[-1]
+    assert saved.name == "step_000008" and (saved / ".metadata").is_file()  # a DCP folder
+    state = load_checkpoint(saved)
+    assert set(state) == {"loader", "rng", "step", "config", "wandb_id"}
     assert state["step"] == 8
 
 
@@ -105,7 +106,7 @@ def test_resume_continues_exactly(tmp_path, options):
     # A copy of the run as it stood at step 4, with a later metrics line that the crash left.
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "full", part)
-    (part / "checkpoints" / "step_000008.pt").unlink()
+    shutil.rmtree(part / "checkpoints" / "step_000008")
     lines = (part / "metrics.jsonl").read_text().splitlines()
     (part / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")
     resumed = run_train(
@@ -116,7 +117,7 @@ def test_resume_continues_exactly(tmp_path, options):
 
 def test_resume_from_a_path_and_config_mismatch(tmp_path):
     run_train(tmp_path, "src", checkpoint_every=4, keep_checkpoints=5)
-    ckpt = tmp_path / "src" / "checkpoints" / "step_000004.pt"
+    ckpt = tmp_path / "src" / "checkpoints" / "step_000004"
     records = run_train(tmp_path, "other", resume=str(ckpt))
     assert [r["step"] for r in records] == [5, 6, 7, 8]
     from training.checkpoint import CheckpointError
@@ -196,7 +197,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    ckpt = tmp_path / "killed" / "checkpoints" / "step_000030.pt"
+    ckpt = tmp_path / "killed" / "checkpoints" / "step_000030"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
@@ -224,6 +225,6 @@ def test_two_process_ddp_matches_one_process(tmp_path, options):
         for key in ("train_loss", "val_loss", "grad_norm"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
-    assert torch.load(list_checkpoints(tmp_path / "ddp")[-1], weights_only=False)["step"] == 5
+    assert load_checkpoint(list_checkpoints(tmp_path / "ddp")[-1])["step"] == 5
     # Dion2 splits its orthonormalization over the ranks and gathers the results.
     assert all((r["comm_bytes"] > 0) == bool(options) for r in records)

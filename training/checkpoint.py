@@ -1,22 +1,22 @@
-"""Atomic checkpoints of a whole training state, including every RNG, under runs/<run>/checkpoints/."""
+"""Atomic, sharded checkpoints of a whole training state, including every RNG, under
+runs/<run>/checkpoints/."""
 
+import contextlib
 import os
 import random
 import re
-import tempfile
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
+CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+META = "meta.pt"
 
 
 class CheckpointError(ValueError):
@@ -29,9 +29,11 @@ def checkpoint_dir(run_dir):
 
 
 def list_checkpoints(run_dir):
-    """The run's checkpoints, oldest first."""
+    """The run's complete checkpoints (folders step_NNNNNN), oldest first."""
     folder = checkpoint_dir(run_dir)
-    found = [(int(m[1]), p) for p in folder.glob("step_*.pt") if (m := CHECKPOINT_RE.match(p.name))]
+    found = [
+        (int(m[1]), p) for p in folder.glob("step_*") if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -52,61 +54,81 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def full_state(model, optimizer):
-    """(model, optimizer) state dicts with full, unsharded tensors on the CPU, keyed by
-    parameter name: what any layout can load. Every rank must call it; rank 0 gets the dicts."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(
-        model, optimizer, options=options
-    )
+@contextlib.contextmanager
+def single_process_quiet():
+    """Silence DCP's warning that one process without a process group saves alone: that is
+    what a single-process run means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
-def load_full_state(model, optimizer, model_state, optimizer_state):
-    """Load what `full_state` produced into a model and optimizer of any layout."""
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def save_checkpoint(run_dir, step, state, keep):
-    """Write `state` as step_{step}.pt atomically, then delete all but the newest `keep`.
+def save_checkpoint(run_dir, step, model, optimizer, meta, keep):
+    """Save a checkpoint as the folder step_{step:06d}; every rank must call it. Then delete
+    all but the newest `keep`.
 
-    The file is written under a temporary name, synced, then renamed, so a crash during the
-    save leaves the previous checkpoint intact and never a partial file under a real name.
+    The model and optimizer go through torch.distributed.checkpoint: each rank writes its own
+    shards, keyed by parameter name, and any layout can load them back (DCP reshards).
+    `meta` (step, data position, RNG states, config) is written by rank 0. Everything lands
+    in a hidden temporary folder that rank 0 renames once complete, so a crash during a save
+    leaves the previous checkpoint intact and never a partial one under a real name.
     """
     folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:06d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+    final, tmp = folder / f"step_{step:06d}", folder / f".step_{step:06d}.tmp"
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    with single_process_quiet():
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    if main:
+        with open(tmp / META, "wb") as f:
+            torch.save(meta, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink()
-    return path
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by `save_checkpoint`."""
+    """The meta of a checkpoint folder written by `save_checkpoint` (checked before any work);
+    `load_model_and_optimizer` reads the rest once the model is built."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not (path / ".metadata").is_file() or not (path / META).is_file():
+        raise CheckpointError(f"checkpoint {path} cannot be read: it is not a complete checkpoint folder")
     try:
-        # Not weights_only: the state holds Python and NumPy RNG states. Load only trusted files.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # Not weights_only: the meta holds Python and NumPy RNG states. Load only trusted files.
+        return torch.load(path / META, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
+
+
+def load_model_and_optimizer(path, model, optimizer):
+    """Load a checkpoint's model and optimizer into a model and optimizer of any layout."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=Path(path), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def resolve_resume(resume, run_dir):
@@ -126,6 +148,8 @@ def resolve_resume(resume, run_dir):
     if resume == "auto":
         return existing[-1] if existing else None
     path = Path(resume)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (resume takes 'auto' or a checkpoint path)")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist (resume takes 'auto' or a checkpoint folder)"
+        )
     return path
