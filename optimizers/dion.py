@@ -72,11 +72,8 @@ class Dion(MatrixOptimizer):
         )
         groups = [process_group(m) for m in (outer_shard_mesh, inner_shard_mesh)]
         self.shard_comms = [Communicator(g) for g in groups if g is not None]
-        replicate = process_group(replicate_mesh)
-        self.replicate_comm = (
-            Communicator(replicate) if replicate is not None and replicate_mesh_grad_sync else None
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, replicate_mesh=replicate_mesh)
+        self.compressed = self.replicas is not None and replicate_mesh_grad_sync
 
     def _shards_supported(self, p):
         allowed = (Shard(0), Shard(1), Replicate())
@@ -88,7 +85,7 @@ class Dion(MatrixOptimizer):
         )
 
     def _communicators(self):
-        return [*self.shard_comms, self.replicate_comm]
+        return [*self.shard_comms, self.replicas]
 
     def _check_matrix_group(self, group):
         if not 0 < group["rank_fraction"] <= 1:
@@ -112,8 +109,8 @@ class Dion(MatrixOptimizer):
         """Sum a low-rank factor over the shard meshes, then average it over the replicas."""
         for comm in self.shard_comms:
             comm.all_reduce_sum(partial)
-        if self.replicate_comm is not None:
-            self.replicate_comm.all_reduce_sum(partial).div_(self.replicate_comm.world_size)
+        if self.compressed:
+            self.replicas.all_reduce_sum(partial).div_(self.replicas.world_size)
         return partial
 
     def _update_bucket(self, group, params):
@@ -140,7 +137,7 @@ class Dion(MatrixOptimizer):
             )
             for x, (f, start) in enumerate(zip(factors, offsets, strict=True)):
                 full[x, ..., start : start + f.size(-2), :] = f
-            return self._reduce(full) if sharded or self.replicate_comm is not None else full
+            return self._reduce(full) if sharded or self.compressed else full
 
         ps = reduced(
             [

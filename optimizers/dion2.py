@@ -6,7 +6,6 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from optimizers.comm import Communicator, process_group
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
 
 SELECTIONS = ("l1", "random")
@@ -76,23 +75,21 @@ class Dion2(MatrixOptimizer):
             seed=seed,
             ns_dtype=ns_dtype,
         )
-        super().__init__(params, defaults, distributed_mesh, use_triton)
-        replicate = process_group(replicate_mesh)
-        self.replicate_comm = None
-        if replicate is not None and replicate_mesh_grad_sync:
+        super().__init__(params, defaults, distributed_mesh, use_triton, replicate_mesh)
+        if self.replicas is not None and replicate_mesh_grad_sync:
             if any(g["selection"] != "random" for g in self.param_groups if g["algorithm"] == "dion2"):
                 raise ValueError(
                     "replicate_mesh_grad_sync needs selection='random': every replica must select the "
                     "same slices without the full momentum"
                 )
-            self.replicate_comm = Communicator(replicate)
+            self.compressed = True
 
     def _sync_replicas(self, selected):
         """Average each replica's selected slices, in place (compressed sync only)."""
-        if self.replicate_comm is None or not selected:
+        if not self.compressed or not selected:
             return
-        flat = self.replicate_comm.all_reduce_sum(torch.cat([t.reshape(-1) for t in selected]))
-        flat /= self.replicate_comm.world_size
+        flat = self.replicas.all_reduce_sum(torch.cat([t.reshape(-1) for t in selected]))
+        flat /= self.replicas.world_size
         for t, part in zip(selected, flat.split([t.numel() for t in selected]), strict=True):
             t.copy_(part.view_as(t))
 

@@ -67,15 +67,18 @@ class MatrixOptimizer(ScalarOptimizer):
     """Base of Muon, NorMuon, Dion2 and Dion: the class's own algorithm for matrix groups,
     AdamW or Lion for the groups that ask for them."""
 
-    # The replicas' communicator under compressed data-parallel sync (Dion, Dion2), else None.
-    replicate_comm = None
+    # Whether the replicas average the update's inputs themselves (compressed sync: Dion, Dion2).
+    compressed = False
 
-    def __init__(self, params, defaults, distributed_mesh=None, use_triton=False):
+    def __init__(self, params, defaults, distributed_mesh=None, use_triton=False, replicate_mesh=None):
         if use_triton:
             raise NotImplementedError(f"{type(self).__name__}: use_triton=True has no kernels yet")
         super().__init__(params, defaults)
         group = process_group(distributed_mesh)
         self.comm = Communicator(group) if group is not None else None
+        # The data-parallel replicas of sharded matrices (HSDP's dp): they split the work.
+        replicas = process_group(replicate_mesh)
+        self.replicas = Communicator(replicas) if replicas is not None else None
         sharded = [p for p in self._matrix_params() if isinstance(p, DTensor)]
         for p in sharded:
             if not self._shards_supported(p):
@@ -115,7 +118,7 @@ class MatrixOptimizer(ScalarOptimizer):
         return [p for g in self.param_groups if g["algorithm"] == self.algorithm_name() for p in g["params"]]
 
     def _communicators(self):
-        return [self.comm, self.replicate_comm]
+        return [self.comm, self.replicas]
 
     def comm_bytes(self):
         return sum(c.take_bytes() for c in self._communicators() if c is not None)
@@ -123,12 +126,12 @@ class MatrixOptimizer(ScalarOptimizer):
     def synchronize_for_checkpoint(self):
         """Average the matrices' momenta over the replicas, which compressed sync lets drift
         apart, so that a checkpoint holds one momentum. A no-op without compressed sync."""
-        if self.replicate_comm is None:
+        if not self.compressed:
             return
         for p in self._matrix_params():
             momentum = self.state[p]["momentum"]
             momentum = momentum.to_local() if isinstance(momentum, DTensor) else momentum
-            self.replicate_comm.all_reduce_sum(momentum).div_(self.replicate_comm.world_size)
+            self.replicas.all_reduce_sum(momentum).div_(self.replicas.world_size)
 
     @classmethod
     def algorithm_name(cls):
@@ -162,6 +165,36 @@ class MatrixOptimizer(ScalarOptimizer):
             self._update_bucket(group, bucket)
 
     def _orthonormalize_blocks(self, group, pieces, blocks, shape):
+        """Newton-Schulz of whole matrices spread in blocks over the ranks of distributed_mesh,
+        with the work split over the replicas when there are some (see `_exchange_blocks`).
+
+        Replica d takes the runs of `world` consecutive matrices whose run number is d modulo
+        the replicas; an all-gather over the replicas then gives every rank its blocks of all
+        results (the replicas hold the same blocks). No matrix is orthonormalized twice.
+        """
+        if self.replicas is None or self.replicas.world_size == 1:
+            return self._exchange_blocks(group, pieces, blocks, shape)
+        replicas, world = self.replicas, self.comm.world_size
+        assigned = [
+            [i for i in range(len(pieces)) if (i // world) % replicas.world_size == d]
+            for d in range(replicas.world_size)
+        ]
+        mine = assigned[replicas.rank]
+        done = self._exchange_blocks(group, [pieces[i] for i in mine], [blocks[i] for i in mine], shape)
+        sizes = [[blocks[i][self.comm.rank][1] * blocks[i][self.comm.rank][3] for i in a] for a in assigned]
+        longest = max(sum(size) for size in sizes)
+        flat = pieces[0].new_zeros(longest)
+        if done:
+            flat[: sum(sizes[replicas.rank])] = torch.cat([d.reshape(-1) for d in done])
+        gathered = replicas.all_gather_stack(flat.unsqueeze(0), replicas.world_size)
+        result = [None] * len(pieces)
+        for d, indices in enumerate(assigned):
+            parts = gathered[d, : sum(sizes[d])].split(sizes[d])
+            for i, part in zip(indices, parts, strict=True):
+                result[i] = part.view_as(pieces[i])
+        return result
+
+    def _exchange_blocks(self, group, pieces, blocks, shape):
         """Newton-Schulz of whole matrices spread in blocks over the ranks of distributed_mesh.
 
         pieces[i] is this rank's block of matrix i, and blocks[i][s] = (row0, rows, col0, cols)
@@ -175,6 +208,8 @@ class MatrixOptimizer(ScalarOptimizer):
         """
         comm = self.comm
         world, rank, total = comm.world_size, comm.rank, len(pieces)
+        if not total:
+            return []
         owned = [list(range(o, total, world)) for o in range(world)]
         mine = owned[rank]
         dtype = group.get("ns_dtype") or default_ns_dtype(pieces[0].device)

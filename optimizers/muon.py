@@ -26,6 +26,7 @@ class Muon(MatrixOptimizer):
         use_triton=False,
         use_polar_express=True,
         ns_dtype=None,
+        replicate_mesh=None,
         **extra_defaults,
     ):
         defaults = dict(
@@ -42,7 +43,7 @@ class Muon(MatrixOptimizer):
             ns_dtype=ns_dtype,
             **extra_defaults,
         )
-        super().__init__(params, defaults, distributed_mesh, use_triton)
+        super().__init__(params, defaults, distributed_mesh, use_triton, replicate_mesh)
 
     def _check_matrix_group(self, group):
         if not 0 <= group["mu"] < 1:

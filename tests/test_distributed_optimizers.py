@@ -137,6 +137,8 @@ LAYOUTS = {
         lambda mesh: mesh["fs", "tp"]._flatten("fs_tp"),
     ),
 }
+# The replicas that split the work of sharded matrices (HSDP's dp).
+REPLICAS = {"hsdp2x2": lambda mesh: mesh["dp"]}
 # Dion's (outer_shard_mesh, inner_shard_mesh) on each layout's mesh.
 DION_MESHES = {
     "hsdp2x2": lambda mesh: (mesh["fs"], None),
@@ -177,7 +179,11 @@ def run_sharded(name, layout=None, mesh=None):
         meshes = (None, None) if mesh is None else DION_MESHES.get(layout, lambda mesh: (mesh, None))(mesh)
         opt = cls(params, lr=0.02, outer_shard_mesh=meshes[0], inner_shard_mesh=meshes[1], **kwargs)
     else:
-        opt = cls(params, lr=0.02, distributed_mesh=optimizer_mesh, **kwargs)
+        # Replicas that only split the work: the gradients are already synchronized.
+        replicas = {"replicate_mesh": REPLICAS[layout](mesh)} if layout in REPLICAS else {}
+        if replicas and cls is Dion2:
+            replicas["replicate_mesh_grad_sync"] = False
+        opt = cls(params, lr=0.02, distributed_mesh=optimizer_mesh, **replicas, **kwargs)
     for step_grads in grads:
         for i, (p, g) in enumerate(zip(params, step_grads, strict=True)):
             p.grad = shard(g, i)

@@ -107,6 +107,7 @@ def build_optimizer(groups, cfg, meshes=None):
     muon_like = {
         **common,
         "distributed_mesh": distributed_mesh,
+        "replicate_mesh": meshes.get("replicate_mesh"),
         "mu": cfg.mu,
         "nesterov": cfg.nesterov,
         "cautious_wd": cfg.cautious_wd,
