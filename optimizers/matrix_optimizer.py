@@ -168,17 +168,15 @@ class MatrixOptimizer(ScalarOptimizer):
         """Newton-Schulz of whole matrices spread in blocks over the ranks of distributed_mesh,
         with the work split over the replicas when there are some (see `_exchange_blocks`).
 
-        Replica d takes the runs of `world` consecutive matrices whose run number is d modulo
-        the replicas; an all-gather over the replicas then gives every rank its blocks of all
-        results (the replicas hold the same blocks). No matrix is orthonormalized twice.
+        Replica d takes the matrices whose index is d modulo the replicas, so that even small
+        buckets spread over them; an all-gather over the replicas then gives every rank its
+        blocks of all results (the replicas hold the same blocks). No matrix is
+        orthonormalized twice.
         """
         if self.replicas is None or self.replicas.world_size == 1:
             return self._exchange_blocks(group, pieces, blocks, shape)
-        replicas, world = self.replicas, self.comm.world_size
-        assigned = [
-            [i for i in range(len(pieces)) if (i // world) % replicas.world_size == d]
-            for d in range(replicas.world_size)
-        ]
+        replicas = self.replicas
+        assigned = [list(range(d, len(pieces), replicas.world_size)) for d in range(replicas.world_size)]
         mine = assigned[replicas.rank]
         done = self._exchange_blocks(group, [pieces[i] for i in mine], [blocks[i] for i in mine], shape)
         sizes = [[blocks[i][self.comm.rank][1] * blocks[i][self.comm.rank][3] for i in a] for a in assigned]
