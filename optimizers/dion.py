@@ -4,10 +4,16 @@ iteration per update, with error feedback on the momentum."""
 import math
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
 from optimizers.comm import Communicator, process_group
-from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, local_block
+from optimizers.matrix_optimizer import (
+    MatrixOptimizer,
+    as_matrices,
+    distinct_shards,
+    is_block_sharded,
+    local_block,
+)
 
 QR_METHODS = ("cholesky_qr", "qr")
 
@@ -76,13 +82,7 @@ class Dion(MatrixOptimizer):
         self.compressed = self.replicas is not None and replicate_mesh_grad_sync
 
     def _shards_supported(self, p):
-        allowed = (Shard(0), Shard(1), Replicate())
-        shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
-        return (
-            p.ndim == 2
-            and all(pl in allowed for pl in p.placements)
-            and shards == math.prod(c.world_size for c in self.shard_comms)
-        )
+        return is_block_sharded(p) and distinct_shards(p) == math.prod(c.world_size for c in self.shard_comms)
 
     def _communicators(self):
         return [*self.shard_comms, self.replicas]

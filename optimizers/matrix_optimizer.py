@@ -57,6 +57,19 @@ def default_ns_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def distinct_shards(t):
+    """Into how many distinct pieces t is split (1 for a plain or replicated tensor)."""
+    if not isinstance(t, DTensor):
+        return 1
+    return math.prod(t.device_mesh.size(i) for i, pl in enumerate(t.placements) if pl.is_shard())
+
+
+def is_block_sharded(p):
+    """Whether p is a matrix whose ranks each hold one rectangular block (Shard(0), Shard(1) or
+    Replicate on every mesh dimension; no strided shards)."""
+    return p.ndim == 2 and all(pl in (Shard(0), Shard(1), Replicate()) for pl in p.placements)
+
+
 def local_block(p):
     """(row0, rows, col0, cols): the block of the full matrix a DTensor's local shard holds."""
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
@@ -92,8 +105,7 @@ class MatrixOptimizer(ScalarOptimizer):
     def _shards_supported(self, p):
         """Whether the algorithm handles this DTensor parameter: 2-D blocks exchanged over
         distributed_mesh, unless a subclass has its own sharded path."""
-        allowed = (Shard(0), Shard(1), Replicate())
-        return p.ndim == 2 and self.comm is not None and all(pl in allowed for pl in p.placements)
+        return self.comm is not None and is_block_sharded(p)
 
     def _gather_blocks(self, params):
         """Every rank's block of each sharded matrix: {p: [(row0, rows, col0, cols) per rank]}.

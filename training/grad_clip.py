@@ -6,17 +6,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from optimizers.matrix_optimizer import distinct_shards
+
 
 def local(t):
     """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def distinct_shards(t):
-    """Into how many distinct pieces t is split (1 for a plain or replicated tensor)."""
-    if not isinstance(t, DTensor):
-        return 1
-    return math.prod(t.device_mesh.size(i) for i, pl in enumerate(t.placements) if pl.is_shard())
 
 
 def clip_grad_norm(params, max_norm):
