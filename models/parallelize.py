@@ -6,6 +6,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from optimizers.matrix_optimizer import local_tensor
+
 
 def apply_tp(model, tp_mesh):
     """Shard the model over `tp_mesh` (Megatron style): q, k, v and the MLP input by output
@@ -42,11 +44,17 @@ def tp_partial_grad_params(model):
 
 
 def sync_tp_partial_grads(model, tp_mesh):
-    """Sum the partial gradients of `tp_partial_grad_params` over the TP ranks."""
-    for p in tp_partial_grad_params(model):
-        if p.grad is not None:
-            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            dist.all_reduce(grad, group=tp_mesh.get_group())
+    """Sum the partial gradients of `tp_partial_grad_params` over the TP ranks, in one
+    all-reduce of their concatenation."""
+    grads = [local_tensor(p.grad) for p in tp_partial_grad_params(model) if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=tp_mesh.get_group())
+    torch._foreach_copy_(
+        grads,
+        [part.view_as(g) for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True)],
+    )
 
 
 def fsdp_placement(param):

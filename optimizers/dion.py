@@ -13,6 +13,7 @@ from optimizers.matrix_optimizer import (
     distinct_shards,
     is_block_sharded,
     local_block,
+    local_tensor,
 )
 
 QR_METHODS = ("cholesky_qr", "qr")
@@ -116,7 +117,6 @@ class Dion(MatrixOptimizer):
     def _update_bucket(self, group, params):
         mu, eps = group["mu"], group["epsilon"]
         sharded = isinstance(params[0], DTensor)
-        local = DTensor.to_local if sharded else (lambda t: t)
         # A sharded matrix's block, possibly empty, as a batch of one.
         matrices = (lambda t: t.to_local().unsqueeze(0)) if sharded else (lambda t: as_matrices(t, False))
         blocks = [local_block(p) if sharded else (0, p.shape[-2], 0, p.shape[-1]) for p in params]
@@ -158,7 +158,7 @@ class Dion(MatrixOptimizer):
             # A zero column of R (a zero momentum) keeps its old direction instead of dying.
             state["q"] = torch.where(norms > eps, r / norms.clamp_min(eps), state["q"])
             updates.append(row_basis @ state["q"][:, cols].mT)
-        weights = [local(p) for p in params]
+        weights = [local_tensor(p) for p in params]
         self._apply(
             group, weights, [u.view_as(w) for u, w in zip(updates, weights, strict=True)], math.sqrt(m / n)
         )

@@ -119,14 +119,18 @@ class Dion2(MatrixOptimizer):
         if group["selection"] == "l1":
             indices = torch.linalg.vector_norm(slices, ord=1, dim=-1).topk(k, dim=-1, sorted=False).indices
         else:
-            generator = torch.Generator().manual_seed(hash((group["seed"], self._index[p], step)) % 2**63)
+            generator = self._generator(group, p, step)
             indices = torch.stack([torch.randperm(count, generator=generator)[:k] for _ in range(batch)])
             indices = indices.to(slices.device)
         return indices.sort(dim=-1).values
 
+    def _generator(self, group, p, step, salt=()):
+        """The random selection's generator for parameter p at `step`: the same on every rank,
+        replica and resume."""
+        return torch.Generator().manual_seed(hash((group["seed"], self._index[p], step, *salt)) % 2**63)
+
     def _random_slices(self, group, p, step, count, k, salt=()):
-        generator = torch.Generator().manual_seed(hash((group["seed"], self._index[p], step, *salt)) % 2**63)
-        return torch.randperm(count, generator=generator)[:k].sort().values
+        return torch.randperm(count, generator=self._generator(group, p, step, salt))[:k].sort().values
 
     def _record_selection(self, state, indices, step):
         """Diagnostics: indices (batch, k) of the slices selected at `step`."""
@@ -184,10 +188,11 @@ class Dion2(MatrixOptimizer):
         # Each rank's piece of the selected matrix (k x other), and its local slice indices.
         pieces, local_index, selected_blocks = [], [], []
         for view, span, c in zip(major, spans, chosen, strict=True):
-            blocks = []
-            for a, la, b, lb in span:
-                first = int((c < a).sum())
-                blocks.append((first, int(((c >= a) & (c < a + la)).sum()), b, lb))
+            # c is sorted, so each rank's selected slices are one run of it: two binary
+            # searches per rank, read back once.
+            bounds = torch.tensor([[a, a + la] for a, la, _, _ in span], device=c.device)
+            ends = torch.searchsorted(c, bounds).tolist()
+            blocks = [(lo, hi - lo, b, lb) for (lo, hi), (_, _, b, lb) in zip(ends, span, strict=True)]
             first, count = blocks[comm.rank][:2]
             index = c[first : first + count] - span[comm.rank][0]
             local_index.append(index)

@@ -57,6 +57,11 @@ def default_ns_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def local_tensor(t):
+    """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def distinct_shards(t):
     """Into how many distinct pieces t is split (1 for a plain or replicated tensor)."""
     if not isinstance(t, DTensor):
@@ -141,8 +146,7 @@ class MatrixOptimizer(ScalarOptimizer):
         if not self.compressed:
             return
         for p in self._matrix_params():
-            momentum = self.state[p]["momentum"]
-            momentum = momentum.to_local() if isinstance(momentum, DTensor) else momentum
+            momentum = local_tensor(self.state[p]["momentum"])
             self.replicas.all_reduce_sum(momentum).div_(self.replicas.world_size)
 
     @classmethod

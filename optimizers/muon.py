@@ -3,7 +3,7 @@
 import torch
 from torch.distributed.tensor import DTensor
 
-from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
+from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, local_tensor, lr_scale, matrix_shape
 
 
 class Muon(MatrixOptimizer):
@@ -62,10 +62,9 @@ class Muon(MatrixOptimizer):
         # A sharded bucket works on this rank's blocks: in-place updates of the local tensors
         # are updates of the shards.
         sharded = isinstance(params[0], DTensor)
-        local = DTensor.to_local if sharded else (lambda t: t)
-        grads = [local(p.grad) for p in params]
+        grads = [local_tensor(p.grad) for p in params]
         states = [self.state[p] for p in params]
-        momenta = [local(s["momentum"]) for s in states]
+        momenta = [local_tensor(s["momentum"]) for s in states]
         torch._foreach_mul_(momenta, group["mu"])
         torch._foreach_add_(momenta, grads)
         inputs = torch._foreach_add(grads, momenta, alpha=group["mu"]) if group["nesterov"] else momenta
@@ -81,5 +80,5 @@ class Muon(MatrixOptimizer):
             updates = ortho.split([len(as_matrices(p, flatten)) for p in params])
             row_starts = [0] * len(params)
         self._orthonormalized(group, states, updates, row_starts, shape, sharded)
-        updates = [u.view(local(p).shape) for u, p in zip(updates, params, strict=True)]
-        self._apply(group, [local(p) for p in params], updates, lr_scale(group["adjust_lr"], *shape))
+        updates = [u.view(local_tensor(p).shape) for u, p in zip(updates, params, strict=True)]
+        self._apply(group, [local_tensor(p) for p in params], updates, lr_scale(group["adjust_lr"], *shape))

@@ -4,14 +4,8 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
-from optimizers.matrix_optimizer import distinct_shards
-
-
-def local(t):
-    """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+from optimizers.matrix_optimizer import distinct_shards, local_tensor
 
 
 def clip_grad_norm(params, max_norm):
@@ -25,7 +19,7 @@ def clip_grad_norm(params, max_norm):
     """
     grads = [p.grad for p in params if p.grad is not None]
     world = dist.get_world_size() if dist.is_initialized() else 1
-    locals_ = [local(g) for g in grads]
+    locals_ = [local_tensor(g) for g in grads]
     weights = torch.tensor([distinct_shards(g) / world for g in grads], device=locals_[0].device)
     squares = torch.stack(torch._foreach_norm(locals_)).float().square()
     total = (squares * weights).sum()

@@ -68,12 +68,7 @@ def optimizer_meshes(mesh, ctx):
     outer_shard_mesh and inner_shard_mesh (Dion): fs and tp.
     """
     if mesh is None:
-        return {
-            "distributed_mesh": ctx.group,
-            "replicate_mesh": None,
-            "outer_shard_mesh": None,
-            "inner_shard_mesh": None,
-        }
+        return {"distributed_mesh": ctx.group}
     fs, tp = mesh["fs"].size(), mesh["tp"].size()
     if fs > 1 and tp > 1:
         distributed = mesh["fs", "tp"]._flatten("fs_tp")
