@@ -112,7 +112,9 @@ def test_bad_yaml(yaml_file):
 def test_shipped_configs_load():
     from tests.conftest import REPO
 
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    shipped = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("paper/*.yaml"))
+    assert len(shipped) == 9
+    for path in shipped:
         cfg = load_config(["--config", str(path)])
         assert isinstance(cfg, TrainConfig) and cfg.run_name == path.stem
 

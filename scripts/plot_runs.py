@@ -1,0 +1,222 @@
+"""Plot the validation loss of training runs, one line per run, in the manner of the Dion2 paper.
+
+    python scripts/plot_runs.py runs/repro_cpu                     # every run of a sweep
+    python scripts/plot_runs.py runs/repro_cpu/optimizer=muon runs/repro_cpu/*seed=0 \\
+        --x tokens --zoom 0.4 --out docs/figures/fig2
+
+Each argument is a run folder (with metrics.jsonl and config.yaml) or a folder of them. Runs
+are labelled by the config keys whose values differ between them, leaving out keys that the
+run's optimizer does not read. Written to --out (default: the first folder given):
+val_loss.png, with a second panel zoomed on the last part of the run when --zoom is given;
+final_losses.md, the table of final losses (also printed); and selection.png, Dion2's
+selection diagnostics, when the runs logged them.
+"""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml
+
+from training.metrics import read_metrics
+
+# Keys that name a run rather than describe it.
+NOT_LABELS = ("run_name", "runs_dir", "resume", "wandb_project")
+# Keys that only some optimizers read; a label shows them only for those.
+OPTIMIZER_KEYS = {
+    "ortho_fraction": ("dion2", "dion"),
+    "selection": ("dion2",),
+    "selection_scope": ("dion2",),
+    "decay": ("dion2",),
+    "muon_beta2": ("normuon",),
+    "nesterov": ("muon", "normuon"),
+    "cautious_wd": ("muon", "normuon"),
+    "use_polar_express": ("muon", "normuon", "dion2"),
+    "adjust_lr": ("muon", "normuon", "dion2", "dion"),
+    "mu": ("muon", "normuon", "dion2", "dion"),
+}
+DIAGNOSTICS = ("selection_coverage_mean", "selection_coverage_min", "selection_longest_wait")
+
+
+class PlotError(ValueError):
+    """A folder that holds no run to plot."""
+
+
+def find_runs(paths):
+    """The run folders named by `paths` (runs, or folders of runs), in order."""
+    runs = []
+    for path in map(Path, paths):
+        if (path / "metrics.jsonl").is_file():
+            runs.append(path)
+        elif path.is_dir() and (found := sorted(p.parent for p in path.glob("*/metrics.jsonl"))):
+            runs.extend(found)
+        else:
+            raise PlotError(f"{path} is neither a run folder (with metrics.jsonl) nor a folder of runs")
+    return runs
+
+
+def load_run(run_dir):
+    """A run's config (a dict) and metric records."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise PlotError(f"{run_dir} has metrics.jsonl but no config.yaml")
+    return yaml.safe_load(config_path.read_text()), read_metrics(run_dir)
+
+
+def labels(configs):
+    """One label per config: the keys whose values differ between the configs, as key=value."""
+    keys = [k for k in configs[0] if k not in NOT_LABELS and len({repr(c.get(k)) for c in configs}) > 1]
+    out = []
+    for config in configs:
+        shown = [
+            k for k in keys if config.get("optimizer") in OPTIMIZER_KEYS.get(k, (config.get("optimizer"),))
+        ]
+        out.append(", ".join(f"{k}={config.get(k)}" for k in shown) or config["run_name"])
+    return out
+
+
+def final_loss_tables(runs):
+    """Markdown: the final val loss of every run, best first; and the mean over seeds when
+    some runs differ only in their seed."""
+    rows = sorted((r for r in runs if r["val"]), key=lambda r: r["val"][-1][1])
+    if not rows:
+        return "No run has a validation loss yet.\n"
+    best = rows[0]["val"][-1][1]
+    lines = ["| run | final val loss | vs best | steps | tokens |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        step, loss = r["val"][-1]
+        lines.append(f"| {r['label']} | {loss:.4f} | {loss - best:+.4f} | {step} | {r['tokens'][step]:,} |")
+    groups = {}
+    for r in rows:
+        if "seed" in r["config"]:
+            groups.setdefault(r["seedless"], []).append(r)
+    if any(len(g) > 1 for g in groups.values()):
+        lines += ["", "| run, over seeds | seeds | mean | max - min | per seed |", "|---|---:|---:|---:|---|"]
+        for label, group in sorted(
+            groups.items(), key=lambda g: statistics.mean(r["val"][-1][1] for r in g[1])
+        ):
+            finals = [r["val"][-1][1] for r in group]
+            per_seed = ", ".join(f"{r['config']['seed']}: {r['val'][-1][1]:.4f}" for r in group)
+            spread = max(finals) - min(finals)
+            lines.append(
+                f"| {label} | {len(group)} | {statistics.mean(finals):.4f} | {spread:.4f} | {per_seed} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_val_loss(runs, path, axis, zoom, title):
+    """val loss against steps or tokens; with `zoom` a second panel of the last `zoom` of the x range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if zoom else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    for i, r in enumerate(runs):
+        xs = [r["x"][s] for s, _ in r["val"]]
+        for ax in axes[0]:
+            ax.plot(xs, [v for _, v in r["val"]], color=colors(i % colors.N), label=r["label"], lw=1.4)
+    for ax in axes[0]:
+        ax.set_xlabel(axis)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title(title)
+    if zoom:
+        xmax = max(r["x"][r["val"][-1][0]] for r in runs if r["val"])
+        xmin = xmax * (1 - zoom)
+        tail = [v for r in runs for s, v in r["val"] if r["x"][s] >= xmin]
+        pad = 0.05 * (max(tail) - min(tail) or 1)
+        zoomed = axes[0][1]
+        zoomed.set_xlim(xmin, xmax * 1.01)
+        zoomed.set_ylim(min(tail) - pad, max(tail) + pad)
+        zoomed.set_title(f"last {zoom:.0%} of the run")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_selection(runs, path):
+    """Dion2's selection diagnostics over the steps: coverage (mean and min) and longest wait."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cov, wait) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    for i, r in enumerate(runs):
+        records = [x for x in r["records"] if DIAGNOSTICS[0] in x]
+        steps = [x["step"] for x in records]
+        color = colors(i % colors.N)
+        cov.plot(steps, [x["selection_coverage_mean"] for x in records], color=color, label=r["label"])
+        cov.plot(steps, [x["selection_coverage_min"] for x in records], color=color, ls=":")
+        wait.plot(steps, [x["selection_longest_wait"] for x in records], color=color, label=r["label"])
+    cov.set_title("slices selected at least once (solid: mean over matrices, dotted: min)")
+    cov.set_ylabel("coverage")
+    wait.set_title("longest wait of any slice between selections")
+    wait.set_ylabel("steps")
+    for ax in (cov, wait):
+        ax.set_xlabel("steps")
+        ax.grid(alpha=0.3)
+    wait.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None):
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run folders or folders of runs")
+    parser.add_argument("--x", choices=("steps", "tokens"), default="steps", help="the x axis")
+    parser.add_argument("--zoom", type=float, default=None, help="add a panel of the last ZOOM of the run")
+    parser.add_argument("--out", type=Path, default=None, help="output folder; default: the first path")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    if args.zoom is not None and not 0 < args.zoom < 1:
+        raise PlotError(f"--zoom must lie in (0, 1), got {args.zoom}")
+    run_dirs = find_runs(args.paths)
+    loaded = [load_run(d) for d in run_dirs]
+    configs = [c for c, _ in loaded]
+    seedless = labels([{k: v for k, v in c.items() if k != "seed"} for c in configs])
+    runs = [
+        {
+            "config": config,
+            "records": records,
+            "label": label,
+            "seedless": seedless[i],
+            "x": {r["step"]: r["step"] if args.x == "steps" else r["tokens"] for r in records},
+            "val": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
+            "tokens": {r["step"]: r["tokens"] for r in records},
+        }
+        for i, ((config, records), label) in enumerate(zip(loaded, labels(configs), strict=True))
+    ]
+    if not any(r["val"] for r in runs):
+        raise PlotError(f"no run under {', '.join(map(str, args.paths))} has a validation loss yet")
+    out = args.out or (args.paths[0] if args.paths[0].is_dir() else Path("."))
+    out.mkdir(parents=True, exist_ok=True)
+    title = args.title or f"validation loss, {len(runs)} runs"
+    plot_val_loss([r for r in runs if r["val"]], out / "val_loss.png", args.x, args.zoom, title)
+    table = final_loss_tables(runs)
+    (out / "final_losses.md").write_text(table)
+    print(table, end="")
+    written = ["val_loss.png", "final_losses.md"]
+    with_diagnostics = [r for r in runs if any(DIAGNOSTICS[0] in x for x in r["records"])]
+    if with_diagnostics:
+        plot_selection(with_diagnostics, out / "selection.png")
+        written.append("selection.png")
+    print(f"wrote {', '.join(str(out / w) for w in written)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except PlotError as e:
+        sys.exit(f"error: {e}")

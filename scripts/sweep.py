@@ -1,0 +1,251 @@
+"""Run a grid of train.py runs described by a sweep file, one after another.
+
+    python scripts/sweep.py configs/sweeps/repro_cpu.yaml              # run every point here
+    python scripts/sweep.py configs/sweeps/paper_304m.yaml --dry-run \\
+        --nproc_per_node 8                                             # print torchrun commands
+
+A sweep file has three keys:
+
+    base: configs/repro_cpu.yaml       # a train.py config, relative to the repository root
+    overrides: {num_iterations: 200}   # keys set for every point
+    grid: {ortho_fraction: [0.5, 0.25], selection: [l1, random]}
+
+The points are the product of the grid's lists. `grid` may also be a list of such mappings;
+the points are then the union of their products, so that one file can hold Muon next to a
+Dion2 fraction sweep. Each point is the run runs/<sweep>/<key=value,...>, named by its grid
+values. Running the sweep again skips finished points and resumes interrupted ones from their
+newest checkpoint; a point whose folder holds a run of another config is refused.
+"""
+
+import argparse
+import itertools
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml
+
+from training.checkpoint import list_checkpoints
+from training.config import ConfigError, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_KEYS = ("base", "overrides", "grid")
+# The sweep names and places every run, and resumes it when asked to: a sweep file sets none of these.
+OWNED_KEYS = ("run_name", "runs_dir", "resume")
+
+
+class SweepError(ValueError):
+    """A sweep file or a runs folder that the sweep cannot use."""
+
+
+def yaml_text(value):
+    """A config value spelled as YAML, as train.py reads it back from the command line."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def point_name(point):
+    """The run name of a grid point: its keys and values, in grid order, with no path separator."""
+    return ",".join(f"{k}={yaml_text(v).replace('/', '_')}" for k, v in point.items())
+
+
+def _mapping(value, what, source):
+    if not isinstance(value, dict):
+        raise SweepError(f"{source}: {what} must be a mapping, got {value!r}")
+    return value
+
+
+def grid_points(grid, source):
+    """The points of `grid` (a mapping of lists, or a list of them), in order, without repeats."""
+    grids = grid if isinstance(grid, list) else [grid]
+    points, seen = [], set()
+    for sub in grids:
+        _mapping(sub, "each grid", source)
+        for key, values in sub.items():
+            if not isinstance(values, list) or not values:
+                raise SweepError(f"{source}: grid key {key} must map to a non-empty list, got {values!r}")
+        for combo in itertools.product(*sub.values()):
+            point = dict(zip(sub, combo, strict=True))
+            if point_name(point) not in seen:
+                seen.add(point_name(point))
+                points.append(point)
+    return points
+
+
+def _flags(values):
+    # train.py keeps a string key's text as typed, so strings go unquoted.
+    texts = {k: v if isinstance(v, str) else yaml_text(v) for k, v in values.items()}
+    return [item for key, text in texts.items() for item in (f"--{key}", text)]
+
+
+def _from_repo(path):
+    """`path` relative to the repository root when it lies inside it: the runs start there."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
+def load_sweep(path, runs_root):
+    """Read and check a sweep file; return its runs folder and [(name, train.py argv, config)].
+
+    Paths are relative to the repository root (or absolute), where train.py runs. Every
+    point's config is built and validated here, before anything runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {path} does not exist")
+    try:
+        sweep = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    _mapping(sweep, "the sweep file", path)
+    unknown = [k for k in sweep if k not in SWEEP_KEYS]
+    if unknown:
+        raise SweepError(f"{path}: unknown key '{unknown[0]}'; a sweep file has {', '.join(SWEEP_KEYS)}")
+    if "base" not in sweep or not isinstance(sweep["base"], str):
+        raise SweepError(f"{path}: base must name a config file, got {sweep.get('base')!r}")
+    base = _from_repo(REPO / sweep["base"])
+    if not (REPO / base).is_file():
+        raise SweepError(f"{path}: base config {sweep['base']} does not exist")
+    overrides = _mapping(sweep.get("overrides") or {}, "overrides", path)
+    points = grid_points(sweep.get("grid") or {}, path)
+    for key in OWNED_KEYS:
+        if key in overrides or any(key in p for p in points):
+            raise SweepError(f"{path}: {key} is set by the sweep itself and cannot be swept or overridden")
+    runs_dir = _from_repo(Path(runs_root).resolve() / path.stem)
+    runs = []
+    for point in points:
+        name = point_name(point) or path.stem
+        flags = [*_flags({**overrides, **point}), "--runs_dir", str(runs_dir), "--run_name", name]
+        try:
+            cfg = load_config(["--config", str(REPO / base), *flags, "--resume", "auto"])
+        except ConfigError as e:
+            raise SweepError(f"{path}: point {name}: {e}") from None
+        runs.append((name, ["--config", str(base), *flags, "--resume", "auto"], cfg))
+    return runs_dir, runs
+
+
+def read_records(run_dir):
+    """The metric records a run has written so far ([] if none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_state(run_dir, cfg):
+    """'done', 'resume' (has a checkpoint) or 'new'; refuses a folder holding another config's run."""
+    saved = Path(run_dir) / "config.yaml"
+    if saved.is_file():
+        old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+        changed = [k for k in new if k not in OWNED_KEYS and old.get(k) != new[k]]
+        if changed:
+            key = changed[0]
+            raise SweepError(
+                f"{run_dir} holds a run with {key} {old.get(key)!r} but the sweep asks for {new[key]!r}; "
+                "remove that folder or pass another --runs_dir"
+            )
+    records = read_records(run_dir)
+    if records and records[-1]["step"] == cfg.num_iterations:
+        return "done"
+    return "resume" if list_checkpoints(run_dir) else "new"
+
+
+def command(argv, nproc):
+    """The command line that trains one point on `nproc` processes of this machine."""
+    if nproc == 1:
+        return [sys.executable, "train.py", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "train.py",
+        *argv,
+    ]
+
+
+def summary(runs_dir, runs, outcome):
+    """The table printed at the end: final val loss, tokens and training time per point."""
+    width = max(len(name) for name, _, _ in runs)
+    lines = [f"{'run':<{width}}  {'status':<8} {'val_loss':>9} {'tokens':>12} {'train s':>8}"]
+    for name, _, _ in runs:
+        records = read_records(REPO / runs_dir / name)
+        vals = [r["val_loss"] for r in records if "val_loss" in r]
+        val = f"{vals[-1]:.4f}" if vals else "-"
+        tokens = f"{records[-1]['tokens']:,}" if records else "-"
+        seconds = f"{sum(r['step_time'] for r in records):.0f}" if records else "-"
+        lines.append(f"{name:<{width}}  {outcome[name]:<8} {val:>9} {tokens:>12} {seconds:>8}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status (1 if any point failed)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep", type=Path, help="the sweep file (YAML: base, overrides, grid)")
+    parser.add_argument(
+        "--runs_dir", type=Path, default=Path("runs"), help="runs go to RUNS_DIR/<sweep name>/"
+    )
+    parser.add_argument("--nproc_per_node", type=int, default=1, help="processes per run (torchrun)")
+    parser.add_argument("--dry-run", action="store_true", help="print the torchrun commands, run nothing")
+    args = parser.parse_args(argv)
+    if args.nproc_per_node < 1:
+        raise SweepError(f"--nproc_per_node must be >= 1, got {args.nproc_per_node}")
+    runs_dir, runs = load_sweep(args.sweep, args.runs_dir)
+    states = {name: run_state(REPO / runs_dir / name, cfg) for name, _, cfg in runs}
+
+    if args.dry_run:
+        for name, argv, _ in runs:
+            if states[name] == "done":
+                print(f"# {name}: finished")
+                continue
+            print(
+                shlex.join(
+                    ["torchrun", "--standalone", f"--nproc_per_node={args.nproc_per_node}", "train.py", *argv]
+                )
+            )
+        return 0
+
+    outcome = {}
+    for i, (name, argv, _) in enumerate(runs, 1):
+        run_dir = REPO / runs_dir / name
+        prefix = f"[{i}/{len(runs)}] {name}:"
+        if states[name] == "done":
+            outcome[name] = "skipped"
+            print(f"{prefix} finished before, skipped", flush=True)
+            continue
+        resumed = f" (resuming from {list_checkpoints(run_dir)[-1].name})" if states[name] == "resume" else ""
+        print(f"{prefix} running{resumed}, log in {run_dir / 'train.log'}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(run_dir / "train.log", "a") as log:
+            rc = subprocess.run(
+                command(argv, args.nproc_per_node), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            ).returncode
+        seconds = time.perf_counter() - start
+        records = read_records(run_dir)
+        vals = [r["val_loss"] for r in records if "val_loss" in r]
+        # The records decide, not the exit code: a gloo rank rarely aborts at exit after its work.
+        if records and records[-1]["step"] == runs[i - 1][2].num_iterations:
+            outcome[name] = "done"
+            note = f" (exit {rc})" if rc else ""
+            print(f"{prefix} done in {seconds:.0f} s, val_loss {vals[-1]:.4f}{note}", flush=True)
+        else:
+            outcome[name] = "failed"
+            last = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or [""]
+            print(f"{prefix} FAILED (exit {rc}) after {seconds:.0f} s: {last[0]}", flush=True)
+    print()
+    print(summary(runs_dir, runs, outcome))
+    return 1 if "failed" in outcome.values() else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SweepError as e:
+        sys.exit(f"error: {e}")
