@@ -1,6 +1,10 @@
 """Time optimizer.step() on the matrices of a GPT, in the manner of the Dion2 paper's Figure 1.
 
     python scripts/bench_optimizer.py --model_dim 768 --n_layer 2 [--png bench.png]
+    python scripts/bench_optimizer.py --model_dims 128 256 512 768 --png dims.png
+
+With --model_dims it times each model dimension in turn, prints one table per dimension and a
+summary, and --png draws step time against model_dim, one line per contender (Figure 1, left).
 
 Per layer the matrices are four d x d, one 4d x d and one d x 4d, with fixed random gradients.
 The contenders (Muon, Dion2 at several fractions, and Muon's Newton-Schulz matmuls alone on the
@@ -123,10 +127,45 @@ def plot(times, path, title):
     print(f"wrote {path}")
 
 
+def report_dims(results):
+    """Print the median step time of every contender at every model_dim."""
+    names = list(next(iter(results.values())))
+    print("median optimizer.step() in ms, by model_dim")
+    print(f"{'model_dim':>9} " + " ".join(f"{n:>15}" for n in names))
+    for dim, times in results.items():
+        print(f"{dim:>9} " + " ".join(f"{statistics.median(times[n]) * 1e3:>15.1f}" for n in names))
+
+
+def plot_dims(results, path, title):
+    """Median step time against model_dim, one line per contender, on log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = list(results)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name in next(iter(results.values())):
+        style = {"ls": "--", "color": "gray"} if name == "muon NS matmuls" else {"marker": "o"}
+        ax.plot(dims, [statistics.median(results[d][name]) * 1e3 for d in dims], label=name, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(dims, [str(d) for d in dims])
+    ax.set_xlabel("model_dim")
+    ax.set_ylabel("median optimizer step time (ms)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_dim", type=int, default=768)
+    parser.add_argument("--model_dims", type=int, nargs="+", default=None, help="time each of these instead")
     parser.add_argument("--n_layer", type=int, default=2)
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     parser.add_argument("--steps", type=int, default=5)
@@ -145,6 +184,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_ns_dtype(device)
+    if args.model_dims:
+        results = {}
+        for dim in args.model_dims:
+            results[dim] = run(dim, args.n_layer, args.fractions, args.steps, args.warmup, device, dtype)
+            report(results[dim], dim, args.n_layer, device, dtype)
+            print()
+        report_dims(results)
+        if args.png:
+            plot_dims(results, args.png, f"optimizer step of a {args.n_layer}-layer GPT ({device}, {dtype})")
+        return
     times = run(args.model_dim, args.n_layer, args.fractions, args.steps, args.warmup, device, dtype)
     report(times, args.model_dim, args.n_layer, device, dtype)
     if args.png:
