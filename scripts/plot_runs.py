@@ -8,11 +8,13 @@ Each argument is a run folder (with metrics.jsonl and config.yaml) or a folder o
 are labelled by the config keys whose values differ between them, leaving out keys that the
 run's optimizer does not read. Written to --out (default: the first folder given):
 val_loss.png, with a second panel zoomed on the last part of the run when --zoom is given;
-final_losses.md, the table of final losses (also printed); and selection.png, Dion2's
+final_losses.md, the table of final losses (also printed), with the mean train loss of the
+last quarter of the steps next to them; and selection.png, Dion2's
 selection diagnostics, when the runs logged them.
 """
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -79,33 +81,94 @@ def labels(configs):
     return out
 
 
+def tail_train_loss(records):
+    """The mean train loss over the last quarter of the steps: in a single pass over the data
+    each batch is scored before the model trains on it, so this is a held-out loss over many
+    more tokens than a small validation set."""
+    last = records[-1]["step"]
+    tail = [r["train_loss"] for r in records if r["step"] > 0.75 * last]
+    return statistics.mean(tail)
+
+
 def final_loss_tables(runs):
-    """Markdown: the final val loss of every run, best first; and the mean over seeds when
-    some runs differ only in their seed."""
+    """Markdown: the final val loss of every run, best first, with the mean train loss of the
+    last quarter; and the means over seeds when some runs differ only in their seed."""
     rows = sorted((r for r in runs if r["val"]), key=lambda r: r["val"][-1][1])
     if not rows:
         return "No run has a validation loss yet.\n"
     best = rows[0]["val"][-1][1]
-    lines = ["| run | final val loss | vs best | steps | tokens |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| run | final val loss | vs best | train loss, last quarter | steps | tokens |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         step, loss = r["val"][-1]
-        lines.append(f"| {r['label']} | {loss:.4f} | {loss - best:+.4f} | {step} | {r['tokens'][step]:,} |")
+        tail = tail_train_loss(r["records"])
+        cells = [
+            r["label"],
+            f"{loss:.4f}",
+            f"{loss - best:+.4f}",
+            f"{tail:.4f}",
+            str(step),
+            f"{r['tokens'][step]:,}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     groups = {}
     for r in rows:
         if "seed" in r["config"]:
             groups.setdefault(r["seedless"], []).append(r)
     if any(len(g) > 1 for g in groups.values()):
-        lines += ["", "| run, over seeds | seeds | mean | max - min | per seed |", "|---|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "| run, over seeds | seeds | mean val loss | max - min | per seed | train loss, last quarter |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
         for label, group in sorted(
             groups.items(), key=lambda g: statistics.mean(r["val"][-1][1] for r in g[1])
         ):
             finals = [r["val"][-1][1] for r in group]
             per_seed = ", ".join(f"{r['config']['seed']}: {r['val'][-1][1]:.4f}" for r in group)
             spread = max(finals) - min(finals)
-            lines.append(
-                f"| {label} | {len(group)} | {statistics.mean(finals):.4f} | {spread:.4f} | {per_seed} |"
-            )
+            tail = statistics.mean(tail_train_loss(r["records"]) for r in group)
+            cells = [
+                label,
+                str(len(group)),
+                f"{statistics.mean(finals):.4f}",
+                f"{spread:.4f}",
+                per_seed,
+                f"{tail:.4f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _styles(runs):
+    """A color per configuration and a line style per seed, so that the seeds of one
+    configuration read as one family."""
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(r["seedless"] for r in runs))
+    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    seen = {}
+    styles = []
+    for r in runs:
+        nth = seen[r["seedless"]] = seen.get(r["seedless"], -1) + 1
+        styles.append(
+            {"color": colors(groups.index(r["seedless"]) % colors.N), "ls": ("-", "--", "-.", ":")[nth % 4]}
+        )
+    return styles
+
+
+def _legend_height(runs):
+    """Inches under the panels for a two-column legend of the runs."""
+    return 0.25 + 0.16 * math.ceil(len(runs) / 2)
+
+
+def _legend_below(fig, ax, runs):
+    """One legend for all panels, under them, so that long labels never cover a line."""
+    height = fig.get_figheight()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, _legend_height(runs) / height, 1, 1))
 
 
 def plot_val_loss(runs, path, axis, zoom, title):
@@ -116,12 +179,11 @@ def plot_val_loss(runs, path, axis, zoom, title):
     import matplotlib.pyplot as plt
 
     panels = 2 if zoom else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
-    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
-    for i, r in enumerate(runs):
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5 + _legend_height(runs)), squeeze=False)
+    for r, style in zip(runs, _styles(runs), strict=True):
         xs = [r["x"][s] for s, _ in r["val"]]
         for ax in axes[0]:
-            ax.plot(xs, [v for _, v in r["val"]], color=colors(i % colors.N), label=r["label"], lw=1.4)
+            ax.plot(xs, [v for _, v in r["val"]], label=r["label"], lw=1.4, **style)
     for ax in axes[0]:
         ax.set_xlabel(axis)
         ax.set_ylabel("validation loss")
@@ -136,8 +198,7 @@ def plot_val_loss(runs, path, axis, zoom, title):
         zoomed.set_xlim(xmin, xmax * 1.01)
         zoomed.set_ylim(min(tail) - pad, max(tail) + pad)
         zoomed.set_title(f"last {zoom:.0%} of the run")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    _legend_below(fig, axes[0][0], runs)
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
@@ -149,24 +210,21 @@ def plot_selection(runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (cov, wait) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
-    for i, r in enumerate(runs):
+    fig, (cov, wait) = plt.subplots(1, 2, figsize=(13, 4.5 + _legend_height(runs)))
+    for r, style in zip(runs, _styles(runs), strict=True):
         records = [x for x in r["records"] if DIAGNOSTICS[0] in x]
         steps = [x["step"] for x in records]
-        color = colors(i % colors.N)
-        cov.plot(steps, [x["selection_coverage_mean"] for x in records], color=color, label=r["label"])
-        cov.plot(steps, [x["selection_coverage_min"] for x in records], color=color, ls=":")
-        wait.plot(steps, [x["selection_longest_wait"] for x in records], color=color, label=r["label"])
-    cov.set_title("slices selected at least once (solid: mean over matrices, dotted: min)")
+        cov.plot(steps, [x["selection_coverage_mean"] for x in records], label=r["label"], lw=1.6, **style)
+        cov.plot(steps, [x["selection_coverage_min"] for x in records], lw=0.7, alpha=0.6, **style)
+        wait.plot(steps, [x["selection_longest_wait"] for x in records], label=r["label"], **style)
+    cov.set_title("slices selected at least once (thick: mean over matrices, thin: min)")
     cov.set_ylabel("coverage")
     wait.set_title("longest wait of any slice between selections")
     wait.set_ylabel("steps")
     for ax in (cov, wait):
         ax.set_xlabel("steps")
         ax.grid(alpha=0.3)
-    wait.legend(fontsize=7)
-    fig.tight_layout()
+    _legend_below(fig, wait, runs)
     fig.savefig(path, dpi=130)
     plt.close(fig)
 

@@ -19,7 +19,6 @@ newest checkpoint; a point whose folder holds a run of another config is refused
 
 import argparse
 import itertools
-import json
 import shlex
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import yaml
 
 from training.checkpoint import list_checkpoints
 from training.config import ConfigError, load_config, to_dict
+from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = ("base", "overrides", "grid")
@@ -131,10 +131,7 @@ def load_sweep(path, runs_root):
 
 def read_records(run_dir):
     """The metric records a run has written so far ([] if none)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
 
 
 def run_state(run_dir, cfg):

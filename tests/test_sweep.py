@@ -196,10 +196,14 @@ def test_plot_runs_draws_the_sweep(finished, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(table)
     finals = {name: read_metrics(runs / name)[-1]["val_loss"] for name in POINTS}
     rows = re.findall(
-        r"^\| (optimizer=\w+) \| ([\d.]+) \| ([+-][\d.]+) \| 4 \| 512 \|$", table, flags=re.MULTILINE
+        r"^\| (optimizer=\w+) \| ([\d.]+) \| ([+-][\d.]+) \| ([\d.]+) \| 4 \| 512 \|$",
+        table,
+        flags=re.MULTILINE,
     )
-    assert {label: float(loss) for label, loss, _ in rows} == pytest.approx(finals, abs=1e-4)
+    assert {label: float(loss) for label, loss, _, _ in rows} == pytest.approx(finals, abs=1e-4)
     assert rows[0][2] == "+0.0000" and float(rows[0][1]) <= float(rows[1][1])
+    for label, _, _, tail in rows:  # step 4 alone is the last quarter of 4 steps
+        assert float(tail) == pytest.approx(read_metrics(runs / label)[-1]["train_loss"], abs=1e-4)
     for png in ("val_loss.png", "selection.png"):  # the Dion2 run logged its selection diagnostics
         assert (tmp_path / png).stat().st_size > 5000
 
@@ -215,7 +219,11 @@ def fake_run(folder, name, records, **config):
 
 
 def curve(*losses):
-    return [{"step": 10 * i, "tokens": 100 * i, "val_loss": v} for i, v in enumerate(losses, 1)]
+    """Records of a run whose val loss goes through `losses`; its train loss is 1 lower."""
+    return [
+        {"step": 10 * i, "tokens": 100 * i, "train_loss": v - 1, "val_loss": v}
+        for i, v in enumerate(losses, 1)
+    ]
 
 
 def test_plot_labels_show_only_keys_that_differ_and_matter(tmp_path, capsys):
@@ -226,10 +234,13 @@ def test_plot_labels_show_only_keys_that_differ_and_matter(tmp_path, capsys):
     plot_runs.main([str(tmp_path)])
     table = capsys.readouterr().out
     # Muon reads neither ortho_fraction nor selection, so its label leaves them out.
-    assert "| optimizer=muon, seed=0 | 4.5000 | +0.6000 | 20 | 200 |" in table
-    assert "| optimizer=dion2, ortho_fraction=0.25, seed=0 | 3.9000 | +0.0000 | 20 | 200 |" in table
+    assert "| optimizer=muon, seed=0 | 4.5000 | +0.6000 | 3.5000 | 20 | 200 |" in table
+    assert "| optimizer=dion2, ortho_fraction=0.25, seed=0 | 3.9000 | +0.0000 | 2.9000 | 20 | 200 |" in table
     # a and b differ only in their seed: averaged in the second table.
-    assert "| optimizer=dion2, ortho_fraction=0.5 | 2 | 4.1000 | 0.2000 | 0: 4.0000, 1: 4.2000 |" in table
+    assert (
+        "| optimizer=dion2, ortho_fraction=0.5 | 2 | 4.1000 | 0.2000 | 0: 4.0000, 1: 4.2000 | 3.1000 |"
+        in table
+    )
     assert not (tmp_path / "selection.png").exists()  # no run logged diagnostics
 
 
@@ -243,6 +254,6 @@ def test_plot_labels_show_only_keys_that_differ_and_matter(tmp_path, capsys):
 )
 def test_plot_errors(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
-    fake_run(tmp_path / "runs", "a", [{"step": 1, "tokens": 8}])
+    fake_run(tmp_path / "runs", "a", [{"step": 1, "tokens": 8, "train_loss": 9.0}])
     with pytest.raises(plot_runs.PlotError, match=message):
         plot_runs.main([str(tmp_path / args[0]), *args[1:], "--out", str(tmp_path / "out")])
