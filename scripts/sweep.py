@@ -20,6 +20,7 @@ newest checkpoint; a point whose folder holds a run of another config is refused
 import argparse
 import itertools
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -167,6 +168,22 @@ def command(argv, nproc):
     ]
 
 
+def train(cmd, log):
+    """Run one point to its end and return its exit code. If the sweep is stopped (Ctrl-C or
+    SIGTERM), the run is stopped too, so that no orphan keeps writing to its folder."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+
+
+def _exit_on_sigterm(signum, frame):
+    sys.exit(128 + signum)
+
+
 def summary(runs_dir, runs, outcome):
     """The table printed at the end: final val loss, tokens and training time per point."""
     width = max(len(name) for name, _, _ in runs)
@@ -221,9 +238,7 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(run_dir / "train.log", "a") as log:
-            rc = subprocess.run(
-                command(argv, args.nproc_per_node), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-            ).returncode
+            rc = train(command(argv, args.nproc_per_node), log)
         seconds = time.perf_counter() - start
         records = read_records(run_dir)
         vals = [r["val_loss"] for r in records if "val_loss" in r]
@@ -242,6 +257,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwinds through train(), which stops the run
     try:
         sys.exit(main())
     except SweepError as e:

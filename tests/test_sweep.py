@@ -4,6 +4,10 @@ resumed and plotted; the shipped sweep files and the paper's configs."""
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -257,3 +261,20 @@ def test_plot_errors(tmp_path, args, message):
     fake_run(tmp_path / "runs", "a", [{"step": 1, "tokens": 8, "train_loss": 9.0}])
     with pytest.raises(plot_runs.PlotError, match=message):
         plot_runs.main([str(tmp_path / args[0]), *args[1:], "--out", str(tmp_path / "out")])
+
+
+def test_stopping_the_sweep_stops_its_run(tmp_path):
+    path = write_sweep(tmp_path, {"optimizer": ["adamw"]}, num_iterations=100_000, checkpoint_every=0)
+    metrics = tmp_path / "runs" / "two" / "optimizer=adamw" / "metrics.jsonl"
+    cmd = [sys.executable, "scripts/sweep.py", str(path), "--runs_dir", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metrics.is_file(), "the run never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(1)  # a run left behind would keep appending steps of a few milliseconds each
+    written = metrics.read_text()
+    time.sleep(2)
+    assert metrics.read_text() == written
