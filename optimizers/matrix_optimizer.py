@@ -10,7 +10,9 @@ rectangular block of the full matrix: one all-to-all brings each matrix's blocks
 rank, which orthonormalizes whole matrices, and a second returns the blocks.
 """
 
+import importlib.util
 import math
+import warnings
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -89,9 +91,13 @@ class MatrixOptimizer(ScalarOptimizer):
     compressed = False
 
     def __init__(self, params, defaults, distributed_mesh=None, use_triton=False, replicate_mesh=None):
-        if use_triton:
-            raise NotImplementedError(f"{type(self).__name__}: use_triton=True has no kernels yet")
+        if use_triton and importlib.util.find_spec("triton") is None:
+            raise ValueError(
+                f"{type(self).__name__}: use_triton=True needs the triton package, which is not installed"
+            )
         super().__init__(params, defaults)
+        self.use_triton = use_triton
+        self._warned_no_kernels = False
         group = process_group(distributed_mesh)
         self.comm = Communicator(group) if group is not None else None
         # The data-parallel replicas of sharded matrices (HSDP's dp): they split the work.
@@ -226,8 +232,8 @@ class MatrixOptimizer(ScalarOptimizer):
             return []
         owned = [list(range(o, total, world)) for o in range(world)]
         mine = owned[rank]
-        dtype = group.get("ns_dtype") or default_ns_dtype(pieces[0].device)
         device, out_dtype = pieces[0].device, pieces[0].dtype
+        dtype = group.get("ns_dtype") or default_ns_dtype(device)
 
         def numel(block):
             return block[1] * block[3]
@@ -245,7 +251,7 @@ class MatrixOptimizer(ScalarOptimizer):
             ):
                 r0, rows, c0, cols = blocks[j][s]
                 full[x, r0 : r0 + rows, c0 : c0 + cols] = part.view(rows, cols)
-        ortho = newton_schulz(full, group["use_polar_express"], dtype, out_dtype=dtype) if mine else full
+        ortho = self._newton_schulz(group, full, out_dtype=dtype) if mine else full
         back = comm.exchange(
             [
                 [
@@ -271,17 +277,34 @@ class MatrixOptimizer(ScalarOptimizer):
         orthonormalizes its own contiguous share of the stack, and the shares are all-gathered
         in the compute dtype, so no matrix is orthonormalized twice.
         """
-        dtype = group.get("ns_dtype") or default_ns_dtype(stacked.device)
-        polar_express = group["use_polar_express"]
         if self.comm is None or self.comm.world_size == 1:
-            return newton_schulz(stacked, polar_express, dtype)
+            return self._newton_schulz(group, stacked)
         world, total = self.comm.world_size, stacked.size(0)
         share = math.ceil(total / world)
         mine = stacked[self.comm.rank * share : (self.comm.rank + 1) * share]
         if len(mine) < share:  # the last ranks' shares run short: pad with zero matrices
             mine = torch.cat([mine, mine.new_zeros(share - len(mine), *stacked.shape[1:])])
-        ortho = newton_schulz(mine, polar_express, dtype, out_dtype=dtype)
+        dtype = group.get("ns_dtype") or default_ns_dtype(stacked.device)
+        ortho = self._newton_schulz(group, mine, out_dtype=dtype)
         return self.comm.all_gather_stack(ortho, total).to(stacked.dtype)
+
+    def _newton_schulz(self, group, x, out_dtype=None):
+        """Newton-Schulz in the group's compute dtype, through the Triton kernels when they
+        were asked for and can run on x's device (otherwise PyTorch, with one warning)."""
+        dtype = group.get("ns_dtype") or default_ns_dtype(x.device)
+        use_triton = False
+        if self.use_triton:
+            from optimizers.triton_ns import kernels_usable  # lazy: triton is optional
+
+            use_triton = kernels_usable(x.device)
+            if not use_triton and not self._warned_no_kernels:
+                self._warned_no_kernels = True
+                warnings.warn(
+                    f"{type(self).__name__}: use_triton=True, but Triton cannot run on {x.device} "
+                    "(no CUDA, TRITON_INTERPRET unset): using the PyTorch Newton-Schulz",
+                    stacklevel=3,
+                )
+        return newton_schulz(x, group["use_polar_express"], dtype, out_dtype=out_dtype, use_triton=use_triton)
 
     @staticmethod
     def _apply(group, params, updates, scale):

@@ -50,11 +50,12 @@ def gram(x, block_rows=None):
     return out
 
 
-def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None):
+def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None, use_triton=False):
     """Orthonormalize each matrix of x (..., m, n): returns about U V^T of its SVD.
 
     The work runs in `dtype`; the result is in `out_dtype` (default: x's dtype). Tall
     matrices are transposed so that X X^T is the smaller Gram matrix, and transposed back.
+    With `use_triton`, the two symmetric products of each step run in the Triton kernels.
     """
     steps, safety, eps = coefficients(use_polar_express)
     tall = x.size(-2) > x.size(-1)
@@ -64,8 +65,14 @@ def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
     for a, b, c in steps:
-        A = gram(X)
-        B = gram(A).mul_(c).add_(A, alpha=b)  # b A + c A^2; A is symmetric, so A^2 = A A^T
+        if use_triton:
+            from optimizers.triton_ns import sym_gram  # lazy: triton is optional
+
+            A = sym_gram(X)
+            B = sym_gram(A, A, alpha=c, beta=b)
+        else:
+            A = gram(X)
+            B = gram(A).mul_(c).add_(A, alpha=b)  # b A + c A^2; A is symmetric, so A^2 = A A^T
         X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     X = X.reshape(*batch_shape, *X.shape[-2:])
     return (X.mT if tall else X).to(out_dtype or x.dtype)

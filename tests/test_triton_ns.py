@@ -1,0 +1,93 @@
+"""The Triton Newton-Schulz kernels against plain PyTorch, in Triton's CPU interpreter."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+triton = pytest.importorskip("triton")
+
+from optimizers.triton_ns import _sym_gram_kernel  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+
+def sym_gram(x, y=None, alpha=1.0, beta=0.0, block_m=16, block_k=16):
+    b, m, n = x.shape
+    out = torch.empty(b, m, m, dtype=x.dtype)
+    tiles = triton.cdiv(m, block_m)
+    yy = y if y is not None else out
+    grid = (b, tiles * (tiles + 1) // 2)
+    _sym_gram_kernel[grid](
+        x,
+        yy,
+        out,
+        m,
+        n,
+        *x.stride(),
+        *yy.stride(),
+        *out.stride(),
+        alpha,
+        beta,
+        HAS_Y=y is not None,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+    )
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7), (3, 17, 33), (2, 40, 21)])
+def test_symmetric_gram_and_its_epilogue(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    A = x @ x.mT
+    torch.testing.assert_close(sym_gram(x), A, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sym_gram(A, A, alpha=0.5, beta=-2.0), 0.5 * A @ A - 2.0 * A, rtol=1e-5, atol=1e-3
+    )
+
+
+@pytest.mark.parametrize("shape", [(2, 20, 45), (3, 37, 19), (1, 16, 16)])
+def test_newton_schulz_through_the_kernels_matches_pytorch(shape):
+    from optimizers.newton_schulz import newton_schulz
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(newton_schulz(x, use_triton=True), newton_schulz(x), rtol=1e-4, atol=1e-4)
+
+
+def muon_step(use_triton):
+    from optimizers import Muon
+
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(24, 40), (24, 40), (50, 18)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    Muon(params, lr=0.02, use_triton=use_triton).step()
+    return [p.detach() for p in params]
+
+
+def test_muon_with_kernels_matches_muon_without():
+    for got, want in zip(muon_step(True), muon_step(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_without_cuda_or_the_interpreter_it_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.warns(UserWarning, match="Triton cannot run on cpu") as caught:
+        got = muon_step(True)
+    assert len([w for w in caught if "Triton" in str(w.message)]) == 1
+    for a, b in zip(got, muon_step(False), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_use_triton_without_triton_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from optimizers import Muon
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match="use_triton=True needs the triton package"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], use_triton=True)
