@@ -135,6 +135,11 @@ def read_records(run_dir):
     return read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
 
 
+def finished(records, cfg):
+    """Whether a run's records reach its last step."""
+    return bool(records) and records[-1]["step"] == cfg.num_iterations
+
+
 def run_state(run_dir, cfg):
     """'done', 'resume' (has a checkpoint) or 'new'; refuses a folder holding another config's run."""
     saved = Path(run_dir) / "config.yaml"
@@ -147,8 +152,7 @@ def run_state(run_dir, cfg):
                 f"{run_dir} holds a run with {key} {old.get(key)!r} but the sweep asks for {new[key]!r}; "
                 "remove that folder or pass another --runs_dir"
             )
-    records = read_records(run_dir)
-    if records and records[-1]["step"] == cfg.num_iterations:
+    if finished(read_records(run_dir), cfg):
         return "done"
     return "resume" if list_checkpoints(run_dir) else "new"
 
@@ -226,7 +230,7 @@ def main(argv=None):
         return 0
 
     outcome = {}
-    for i, (name, argv, _) in enumerate(runs, 1):
+    for i, (name, argv, cfg) in enumerate(runs, 1):
         run_dir = REPO / runs_dir / name
         prefix = f"[{i}/{len(runs)}] {name}:"
         if states[name] == "done":
@@ -243,7 +247,7 @@ def main(argv=None):
         records = read_records(run_dir)
         vals = [r["val_loss"] for r in records if "val_loss" in r]
         # The records decide, not the exit code: a gloo rank rarely aborts at exit after its work.
-        if records and records[-1]["step"] == runs[i - 1][2].num_iterations:
+        if finished(records, cfg):
             outcome[name] = "done"
             note = f" (exit {rc})" if rc else ""
             print(f"{prefix} done in {seconds:.0f} s, val_loss {vals[-1]:.4f}{note}", flush=True)
