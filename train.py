@@ -39,6 +39,7 @@ from training.param_groups import (
     describe_param_groups,
     selection_metrics,
 )
+from training.precision import bf16_autocast, uses_bf16
 from training.schedule import lr_multiplier
 
 # Bad input is reported as one line, never a traceback.
@@ -111,8 +112,8 @@ def main(argv):
 
     # Model: built without memory on the meta device, split by TP, sharded by FSDP, then
     # materialised and initialised.
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    use_bf16 = uses_bf16(cfg.precision, ctx.device)
+    autocast = bf16_autocast(cfg.precision, ctx.device)
     with torch.device("meta"):
         raw_model = GPT(GPTConfig(cfg.model_dim, cfg.n_layer, cfg.n_head, cfg.sequence_length))
     if layout[2] > 1:

@@ -66,6 +66,7 @@ class Dion(MatrixOptimizer):
         epsilon=1e-8,
         qr_method="cholesky_qr",
         seed=0,
+        compile=False,
     ):
         defaults = dict(
             lr=lr,
@@ -79,7 +80,7 @@ class Dion(MatrixOptimizer):
         )
         groups = [process_group(m) for m in (outer_shard_mesh, inner_shard_mesh)]
         self.shard_comms = [Communicator(g) for g in groups if g is not None]
-        super().__init__(params, defaults, replicate_mesh=replicate_mesh)
+        super().__init__(params, defaults, replicate_mesh=replicate_mesh, compile=compile)
         self.compressed = self.replicas is not None and replicate_mesh_grad_sync
 
     def _shards_supported(self, p):

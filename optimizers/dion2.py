@@ -23,6 +23,50 @@ def num_selected(fraction, slices):
     return math.ceil(fraction * slices)
 
 
+def expand_index(indices, slices):
+    """Indices (batch, k) of slices, as an index (batch, k, slice length) for gather/scatter."""
+    return indices.unsqueeze(-1).expand(-1, -1, slices.size(-1))
+
+
+def accumulate_and_select_l1(momenta, grads, k, flatten):
+    """M <- M + G for each matrix; returns the sorted indices (batch, k) of each M's k slices
+    with the largest l1 norm."""
+    torch._foreach_add_(momenta, grads)
+    chosen = []
+    for momentum in momenta:
+        norms = torch.linalg.vector_norm(slice_major(as_matrices(momentum, flatten)), ord=1, dim=-1)
+        chosen.append(norms.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values)
+    return chosen
+
+
+def gather_selected(momenta, chosen, flatten):
+    """The chosen slices of every momentum, stacked: (sum of batches, k, slice length)."""
+    parts = []
+    for momentum, indices in zip(momenta, chosen, strict=True):
+        slices = slice_major(as_matrices(momentum, flatten))
+        parts.append(slices.gather(1, expand_index(indices, slices)))
+    return torch.cat(parts)
+
+
+def decay_and_apply(
+    params, momenta, chosen, selected, ortho, mu, lr, weight_decay, scale, full_decay, flatten
+):
+    """M[K] <- mu M[K] (all of M with `full_decay`); W <- W (1 - lr wd); W[K] <- W[K] - lr
+    scale O. selected and ortho stack every matrix's chosen slices; mu, lr and weight_decay
+    may be 0-d tensors."""
+    sizes = [len(indices) for indices in chosen]
+    if full_decay:
+        torch._foreach_mul_(momenta, mu)
+    else:
+        for momentum, indices, rows in zip(momenta, chosen, selected.split(sizes), strict=True):
+            slices = slice_major(as_matrices(momentum, flatten))
+            slices.scatter_(1, expand_index(indices, slices), rows * mu)
+    torch._foreach_mul_(params, 1 - lr * weight_decay)
+    for p, indices, update in zip(params, chosen, ortho.split(sizes), strict=True):
+        slices = slice_major(as_matrices(p, flatten))
+        slices.scatter_add_(1, expand_index(indices, slices), update * (-lr * scale))
+
+
 class Dion2(MatrixOptimizer):
     """M <- M + G; K = the top-k slices by l1 norm (or k random ones); O = NS(M[K]);
     M[K] <- ef_decay M[K]; W <- W (1 - lr wd); W[K] <- W[K] - lr s O.
@@ -58,6 +102,7 @@ class Dion2(MatrixOptimizer):
         ns_dtype=None,
         replicate_mesh=None,
         replicate_mesh_grad_sync=True,
+        compile=False,
     ):
         defaults = dict(
             lr=lr,
@@ -75,7 +120,7 @@ class Dion2(MatrixOptimizer):
             seed=seed,
             ns_dtype=ns_dtype,
         )
-        super().__init__(params, defaults, distributed_mesh, use_triton, replicate_mesh)
+        super().__init__(params, defaults, distributed_mesh, use_triton, replicate_mesh, compile)
         if self.replicas is not None and replicate_mesh_grad_sync:
             if any(g["selection"] != "random" for g in self.param_groups if g["algorithm"] == "dion2"):
                 raise ValueError(
@@ -111,18 +156,6 @@ class Dion2(MatrixOptimizer):
             "last_selected": torch.zeros(batch, min(m, n), dtype=torch.int64, device=p.device),
             "longest_wait": torch.zeros((), dtype=torch.int64, device=p.device),
         }
-
-    def _select(self, group, slices, p, step):
-        """Sorted indices (batch, k) of the slices to update."""
-        batch, count, _ = slices.shape
-        k = num_selected(group["fraction"], count)
-        if group["selection"] == "l1":
-            indices = torch.linalg.vector_norm(slices, ord=1, dim=-1).topk(k, dim=-1, sorted=False).indices
-        else:
-            generator = self._generator(group, p, step)
-            indices = torch.stack([torch.randperm(count, generator=generator)[:k] for _ in range(batch)])
-            indices = indices.to(slices.device)
-        return indices.sort(dim=-1).values
 
     def _generator(self, group, p, step, salt=()):
         """The random selection's generator for parameter p at `step`: the same on every rank,
@@ -225,34 +258,47 @@ class Dion2(MatrixOptimizer):
     def _update_bucket(self, group, params):
         if isinstance(params[0], DTensor):
             return self._update_sharded(group, params)
-        flatten, mu = group["flatten"], group["ef_decay"]
+        flatten = group["flatten"]
         states = [self.state[p] for p in params]
         momenta = [s["momentum"] for s in states]
-        torch._foreach_add_(momenta, [p.grad for p in params])
-
-        chosen, selected = [], []
-        for p, state, momentum in zip(params, states, momenta, strict=True):
+        grads = [p.grad for p in params]
+        batch, m, n = as_matrices(params[0], flatten).shape
+        k = num_selected(group["fraction"], min(m, n))
+        steps = []
+        for state in states:
             state["step"] += 1
-            step = int(state["step"])
-            slices = slice_major(as_matrices(momentum, flatten))
-            indices = self._select(group, slices, p, step)
-            index = indices.unsqueeze(-1).expand(-1, -1, slices.size(-1))
-            chosen.append(index)
-            selected.append(slices.gather(1, index))
-            self._record_selection(state, indices, step)
-
-        self._sync_replicas(selected)
-        ortho = self._orthonormalize(group, torch.cat(selected))
-
-        if group["decay"] == "full":
-            torch._foreach_mul_(momenta, mu)
+            steps.append(int(state["step"]))
+        if group["selection"] == "l1":
+            chosen = self._run(accumulate_and_select_l1, momenta, grads, k, flatten)
         else:
-            for momentum, index, rows in zip(momenta, chosen, selected, strict=True):
-                slice_major(as_matrices(momentum, flatten)).scatter_(1, index, rows.mul_(mu))
-        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-        step_size = -group["lr"] * lr_scale(group["adjust_lr"], *matrix_shape(params[0], flatten))
-        for p, index, update in zip(params, chosen, ortho.split([len(i) for i in chosen]), strict=True):
-            slice_major(as_matrices(p, flatten)).scatter_add_(1, index, update.mul_(step_size))
+            torch._foreach_add_(momenta, grads)
+            chosen = []
+            for p, t in zip(params, steps, strict=True):
+                generator = self._generator(group, p, t)
+                draws = [torch.randperm(min(m, n), generator=generator)[:k] for _ in range(batch)]
+                chosen.append(torch.stack(draws).sort(dim=-1).values.to(p.device))
+        for state, indices, t in zip(states, chosen, steps, strict=True):
+            self._record_selection(state, indices, t)
+        selected = self._run(gather_selected, momenta, chosen, flatten)
+        self._sync_replicas([selected])
+        ortho = self._orthonormalize(group, selected)
+        h = self._hyperparameters(group, selected.device, "ef_decay", "lr", "weight_decay")
+        scale = lr_scale(group["adjust_lr"], m, n)
+        full_decay = group["decay"] == "full"
+        self._run(
+            decay_and_apply,
+            params,
+            momenta,
+            chosen,
+            selected,
+            ortho,
+            h["ef_decay"],
+            h["lr"],
+            h["weight_decay"],
+            scale,
+            full_decay,
+            flatten,
+        )
 
     def selection_stats(self):
         """Per Dion2 matrix: the fraction of slices selected at least once so far, and the

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from optimizers.comm import Communicator, process_group
+from optimizers.compiled import as_tensors, run_compiled
 from optimizers.newton_schulz import newton_schulz
 from optimizers.scalar import ScalarOptimizer
 
@@ -59,6 +60,17 @@ def default_ns_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def apply_update(params, updates, lr, weight_decay, scale, cautious):
+    """W <- W (1 - lr wd) - lr scale U on lists of tensors; lr and weight_decay may be 0-d
+    tensors. With `cautious`, decay only where the update also pulls the weight towards zero."""
+    if cautious:
+        for p, u in zip(params, updates, strict=True):
+            p.sub_(p * (u * p > 0) * (lr * weight_decay))
+    else:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_add_(params, torch._foreach_mul(updates, -lr * scale))
+
+
 def local_tensor(t):
     """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -90,7 +102,9 @@ class MatrixOptimizer(ScalarOptimizer):
     # Whether the replicas average the update's inputs themselves (compressed sync: Dion, Dion2).
     compressed = False
 
-    def __init__(self, params, defaults, distributed_mesh=None, use_triton=False, replicate_mesh=None):
+    def __init__(
+        self, params, defaults, distributed_mesh=None, use_triton=False, replicate_mesh=None, compile=False
+    ):
         if use_triton and importlib.util.find_spec("triton") is None:
             raise ValueError(
                 f"{type(self).__name__}: use_triton=True needs the triton package, which is not installed"
@@ -98,6 +112,7 @@ class MatrixOptimizer(ScalarOptimizer):
         super().__init__(params, defaults)
         self.use_triton = use_triton
         self._warned_no_kernels = False
+        self.compile = compile
         group = process_group(distributed_mesh)
         self.comm = Communicator(group) if group is not None else None
         # The data-parallel replicas of sharded matrices (HSDP's dp): they split the work.
@@ -304,16 +319,22 @@ class MatrixOptimizer(ScalarOptimizer):
                     "(no CUDA, TRITON_INTERPRET unset): using the PyTorch Newton-Schulz",
                     stacklevel=3,
                 )
+        if self.compile and not use_triton:  # the kernels run as they are, uncompiled
+            return run_compiled(newton_schulz, x, group["use_polar_express"], dtype, out_dtype)
         return newton_schulz(x, group["use_polar_express"], dtype, out_dtype=out_dtype, use_triton=use_triton)
 
-    @staticmethod
-    def _apply(group, params, updates, scale):
+    def _run(self, fn, *args):
+        """fn(*args), compiled per input signature when the optimizer compiles."""
+        return run_compiled(fn, *args) if self.compile else fn(*args)
+
+    def _hyperparameters(self, group, device, *names):
+        """The group's values of `names`: 0-d tensors when compiling (so that a scheduled lr
+        does not recompile), plain numbers otherwise."""
+        values = {name: group[name] for name in names}
+        return as_tensors(device, **values) if self.compile else values
+
+    def _apply(self, group, params, updates, scale):
         """W <- W (1 - lr wd) - lr scale U, with cautious decay where the group asks for it."""
-        lr, wd = group["lr"], group["weight_decay"]
-        if group.get("cautious_wd", False):
-            for p, u in zip(params, updates, strict=True):
-                # Decay only where the update also pulls the weight towards zero.
-                p.sub_(p * (u * p > 0), alpha=lr * wd)
-        else:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, updates, alpha=-lr * scale)
+        h = self._hyperparameters(group, params[0].device, "lr", "weight_decay")
+        cautious = group.get("cautious_wd", False)
+        self._run(apply_update, params, updates, h["lr"], h["weight_decay"], scale, cautious)

@@ -6,6 +6,18 @@ from torch.distributed.tensor import DTensor
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, local_tensor, lr_scale, matrix_shape
 
 
+def momentum_inputs(momenta, grads, mu, nesterov):
+    """M <- mu M + G in place; returns the orthonormalization inputs (G + mu M with
+    Nesterov, else M). mu may be a 0-d tensor."""
+    torch._foreach_mul_(momenta, mu)
+    torch._foreach_add_(momenta, grads)
+    if not nesterov:
+        return momenta
+    inputs = torch._foreach_mul(momenta, mu)
+    torch._foreach_add_(inputs, grads)
+    return inputs
+
+
 class Muon(MatrixOptimizer):
     """M <- mu M + G; U = G + mu M with Nesterov, else M; W <- W (1 - lr wd) - lr s NS(U),
     where s is the `adjust_lr` scale of the matrix shape."""
@@ -27,6 +39,7 @@ class Muon(MatrixOptimizer):
         use_polar_express=True,
         ns_dtype=None,
         replicate_mesh=None,
+        compile=False,
         **extra_defaults,
     ):
         defaults = dict(
@@ -43,7 +56,7 @@ class Muon(MatrixOptimizer):
             ns_dtype=ns_dtype,
             **extra_defaults,
         )
-        super().__init__(params, defaults, distributed_mesh, use_triton, replicate_mesh)
+        super().__init__(params, defaults, distributed_mesh, use_triton, replicate_mesh, compile)
 
     def _check_matrix_group(self, group):
         if not 0 <= group["mu"] < 1:
@@ -65,9 +78,8 @@ class Muon(MatrixOptimizer):
         grads = [local_tensor(p.grad) for p in params]
         states = [self.state[p] for p in params]
         momenta = [local_tensor(s["momentum"]) for s in states]
-        torch._foreach_mul_(momenta, group["mu"])
-        torch._foreach_add_(momenta, grads)
-        inputs = torch._foreach_add(grads, momenta, alpha=group["mu"]) if group["nesterov"] else momenta
+        mu = self._hyperparameters(group, grads[0].device, "mu")["mu"]
+        inputs = self._run(momentum_inputs, momenta, grads, mu, group["nesterov"])
         flatten = group["flatten"]
         shape = matrix_shape(params[0], flatten)
         if sharded:

@@ -12,6 +12,10 @@ from data.shards import write_shard
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
+# Triton's CPU interpreter, for the kernel tests. It must be on before anything imports triton
+# (torch._dynamo does): triton's own helpers, such as tl.cdiv, only run in the interpreter
+# when it was on at their definition.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "data" / "shakespeare"

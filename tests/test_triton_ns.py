@@ -1,12 +1,9 @@
 """The Triton Newton-Schulz kernels against plain PyTorch, in Triton's CPU interpreter."""
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # the interpreter is switched on in conftest.py
 
 from optimizers.triton_ns import sym_gram  # noqa: E402
 
@@ -31,20 +28,33 @@ def test_newton_schulz_through_the_kernels_matches_pytorch(shape):
     torch.testing.assert_close(newton_schulz(x, use_triton=True), newton_schulz(x), rtol=1e-4, atol=1e-4)
 
 
-def muon_step(use_triton):
+def muon_step(use_triton, compile=False):
     from optimizers import Muon
 
     gen = torch.Generator().manual_seed(2)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(24, 40), (24, 40), (50, 18)]]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
-    Muon(params, lr=0.02, use_triton=use_triton).step()
+    Muon(params, lr=0.02, use_triton=use_triton, compile=compile).step()
     return [p.detach() for p in params]
 
 
 def test_muon_with_kernels_matches_muon_without():
     for got, want in zip(muon_step(True), muon_step(False), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_with_compile_the_kernels_run_uncompiled_and_the_rest_compiled(monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+
+    import optimizers.compiled as compiled
+
+    counter = CompileCounter()
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    got = muon_step(True, compile=True)
+    assert counter.frame_count == 4  # momentum and update of the two shapes; no Newton-Schulz
+    for a, b in zip(got, muon_step(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_without_cuda_or_the_interpreter_it_warns_once_and_falls_back(monkeypatch):

@@ -76,7 +76,8 @@ class TrainConfig:
     fs_size: int | None = None
     tp_size: int | None = None
     # hardware
-    compile: bool = False
+    compile: bool = False  # torch.compile the model and the optimizer's per-shape math
+    use_triton: bool = False  # Muon, NorMuon, Dion2: Newton-Schulz in the Triton kernels
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32
 

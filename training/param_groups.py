@@ -100,6 +100,8 @@ def build_optimizer(groups, cfg, meshes=None):
     meshes = meshes or {}
     distributed_mesh = meshes.get("distributed_mesh")
     common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    orthonormal = {"compile": cfg.compile}
+    newton_schulz = {**orthonormal, "use_triton": cfg.use_triton, "use_polar_express": cfg.use_polar_express}
     replicate = {
         "replicate_mesh": meshes.get("replicate_mesh"),
         "replicate_mesh_grad_sync": cfg.replicate_mesh_grad_sync,
@@ -112,7 +114,7 @@ def build_optimizer(groups, cfg, meshes=None):
         "nesterov": cfg.nesterov,
         "cautious_wd": cfg.cautious_wd,
         "adjust_lr": cfg.adjust_lr,
-        "use_polar_express": cfg.use_polar_express,
+        **newton_schulz,
     }
     if cfg.optimizer == "dion2":
         return Dion2(
@@ -122,11 +124,11 @@ def build_optimizer(groups, cfg, meshes=None):
             fraction=cfg.ortho_fraction,
             ef_decay=cfg.mu,
             adjust_lr=cfg.adjust_lr,
-            use_polar_express=cfg.use_polar_express,
             selection=cfg.selection,
             selection_scope=cfg.selection_scope,
             decay=cfg.decay,
             seed=cfg.seed,
+            **newton_schulz,
             **replicate,
         )
     if cfg.optimizer == "muon":
@@ -143,6 +145,7 @@ def build_optimizer(groups, cfg, meshes=None):
             mu=cfg.mu,
             rank_fraction=cfg.ortho_fraction,
             seed=cfg.seed,
+            **orthonormal,
         )
     return AdamWLion(groups, **common)
 
