@@ -15,7 +15,6 @@ noise falls on all of them alike. Reported: the minimum and the median over the 
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -26,6 +25,7 @@ import torch
 from optimizers import Dion2, Muon
 from optimizers.matrix_optimizer import default_ns_dtype
 from optimizers.newton_schulz import coefficients, gram
+from scripts.timing import interleaved
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -62,11 +62,6 @@ def make_contender(build, shapes, device, generator):
     return build(params).step
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(model_dim, n_layer, fractions, steps, warmup, device, dtype, seed=0):
     """Time every contender; return {name: [seconds per step, ...]} over the timed steps."""
     generator = torch.Generator().manual_seed(seed)
@@ -78,17 +73,7 @@ def run(model_dim, n_layer, fractions, steps, warmup, device, dtype, seed=0):
         )
     stacks = oriented_stacks(shapes, device, dtype, generator)
     contenders["muon NS matmuls"] = lambda: ns_matmuls(stacks)
-    names = list(contenders)
-    times = {name: [] for name in names}
-    for i in range(warmup + steps):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            synchronize(device)
-            start = time.perf_counter()
-            contenders[name]()
-            synchronize(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+    return interleaved(contenders, steps, warmup, device)
 
 
 def report(times, model_dim, n_layer, device, dtype):

@@ -1,9 +1,19 @@
-"""The benchmark scripts run end to end at toy sizes (their figures are not asserted)."""
+"""The benchmark scripts run end to end at toy sizes (their timings are not asserted)."""
 
 import re
+import subprocess
+import sys
 
+import pytest
+import torch
+
+from models.gpt_model import GPT, GPTConfig
+from scripts.bench_newton_schulz import main as bench_newton_schulz
 from scripts.bench_optimizer import gpt_matrix_shapes
 from scripts.bench_optimizer import main as bench_optimizer
+from scripts.bench_train import flops_per_token, peak_tflops
+from tests.conftest import REPO
+from training.config import load_config
 
 
 def test_gpt_matrix_shapes():
@@ -35,3 +45,81 @@ def test_bench_optimizer_sweeps_model_dims(tmp_path, capsys):
         assert re.search(rf"^\s+{dim}(\s+[\d.]+){{6}}$", summary, flags=re.MULTILINE), dim
         assert f"GPT of model_dim {dim};" in out  # the per-dimension table
     assert png.stat().st_size > 5000
+
+
+def run_script(name, *args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_bench_train_compares_optimizers_on_cpu():
+    done = run_script(
+        "bench_train.py",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        "--optimizer",
+        "muon,dion2,adamw",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        *("--model_dim", "32", "--n_layer", "1", "--batch_size", "8", "--device_batch_size", "4"),
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "cpu: median of 2 steps after 1 warm-up steps, 512 tokens/step" in out
+    for name in ("muon", "dion2", "adamw"):
+        # step ms, tokens/s, the two shares and the peak memory
+        assert re.search(rf"^{name}\s+[\d.]+\s+[\d,]+\s+[\d.]+%\s+[\d.]+%\s+[\d.]+$", out, re.M), name
+        assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+$", out[out.index("ratios to muon") :], re.M), name
+    assert re.search(r"^muon\s+1\.000\s+1\.000$", out, re.M)
+    assert "MFU" not in out  # CUDA only
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optimizer", "muon,sgd"], "--optimizer 'muon,sgd': unknown sgd; allowed: dion2, muon"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--n_layers", "2"], "error: command line: unknown key '--n_layers'; did you mean 'n_layer'?"),
+    ],
+)
+def test_bench_train_bad_input_is_one_line(args, message):
+    done = run_script("bench_train.py", "--config", "configs/tiny_cpu.yaml", *args)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_flops_per_token_counts_the_matmuls_and_attention():
+    cfg = load_config(["--model_dim", "64", "--n_layer", "2", "--n_head", "4", "--sequence_length", "32"])
+    model = GPT(GPTConfig(64, 2, 4, 32))
+    per_layer = 4 * 64 * 64 + 2 * 4 * 64 * 64  # q, k, v, out; the MLP's two 4x matrices
+    lm_head = 50304 * 64
+    assert flops_per_token(model, cfg) == 6 * (2 * per_layer + lm_head) + 12 * 2 * 64 * 32
+
+
+def test_peak_table_picks_the_most_specific_name(monkeypatch):
+    cuda = torch.device("cuda")
+    for name, peak in [
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_tflops(cuda, None) == peak
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some Future GPU")
+    assert peak_tflops(cuda, None) is None
+    assert peak_tflops(cuda, 500.0) == 500.0
+    assert peak_tflops(torch.device("cpu"), None) is None
+
+
+def test_bench_newton_schulz_runs_every_contender_it_can(capsys):
+    bench_newton_schulz(
+        ["--shape", "8", "20", "--batch", "2", "--dtype", "fp32", "--steps", "2", "--warmup", "1"]
+    )
+    out = capsys.readouterr().out
+    assert "Newton-Schulz of 2 x 8 x 20 in fp32 on cpu, median of 2 calls" in out
+    for name in ("pytorch", "torch.compile"):
+        assert re.search(rf"^{re.escape(name)}\s+[\d.]+\s+[\d.]+$", out, re.M), name

@@ -1,0 +1,205 @@
+"""Training throughput: tokens/s, where the step's time goes, peak memory and MFU.
+
+    python scripts/bench_train.py --config configs/tiny_cpu.yaml --optimizer muon,dion2,adamw
+    python scripts/bench_train.py --config configs/dion2_160m.yaml --optimizer adamw,dion2 \\
+        --ortho_fraction 0.25 --compile true
+
+Each optimizer in `--optimizer` runs in a fresh process: `--warmup` steps (compilation
+happens there), then `--steps` timed training steps of the config (every micro-batch's
+forward and backward, gradient clipping, optimizer.step()) on random tokens, in one process
+on one device. Any other `--key value` is a config override, as for train.py.
+
+Reported per optimizer: median step time, tokens/s, the shares of forward+backward and of
+the optimizer step (the clip and zero_grad are the rest), peak memory (CUDA: the allocator's
+peak; CPU: the process's peak resident set), and on CUDA the model FLOPs utilization against
+the device's dense bf16 peak (`--peak_tflops` overrides the table). Ratios are against the
+first optimizer listed.
+"""
+
+import argparse
+import math
+import multiprocessing
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from models.gpt_model import GPT, GPTConfig
+from scripts.timing import synchronize
+from training.config import CHOICES, ConfigError, load_config
+from training.distributed import pick_device
+from training.grad_clip import clip_grad_norm
+from training.param_groups import ParamGroupError, build_optimizer, build_param_groups
+from training.precision import bf16_autocast
+
+# Dense bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets. The first name that
+# appears in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
+
+
+def peak_tflops(device, override):
+    """The device's dense bf16 peak (None where unknown, or off CUDA)."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def flops_per_token(model, cfg):
+    """Training FLOPs per token: 6 per weight of every matmul (the embedding lookup is none),
+    plus the attention scores and their weighted sum, 12 x layers x width x sequence."""
+    matmul_weights = sum(
+        p.numel() for name, p in model.named_parameters() if p.ndim == 2 and name != "embed.weight"
+    )
+    return 6 * matmul_weights + 12 * cfg.n_layer * cfg.model_dim * cfg.sequence_length
+
+
+def measure(argv, optimizer, steps, warmup, peak_override):
+    """Run warmup + timed steps of one optimizer; return its measurements."""
+    cfg = load_config([*argv, "--optimizer", optimizer])
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = GPT(GPTConfig(cfg.model_dim, cfg.n_layer, cfg.n_head, cfg.sequence_length))
+    model.init_weights(cfg.seed)
+    opt = build_optimizer(build_param_groups(model, cfg), cfg)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = bf16_autocast(cfg.precision, device)
+    micro_steps = cfg.batch_size // cfg.device_batch_size
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    shape = (cfg.device_batch_size, cfg.sequence_length + 1)
+    vocab = GPTConfig.vocab_size
+    batches = [
+        torch.randint(0, vocab, shape, device=device, generator=generator) for _ in range(min(micro_steps, 4))
+    ]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times, backward_times, optimizer_times = [], [], []
+    for step in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        for micro in range(micro_steps):
+            tokens = batches[micro % len(batches)]
+            with autocast:
+                loss = forward(tokens[:, :-1], tokens[:, 1:])
+            (loss / micro_steps).backward()
+        synchronize(device)
+        backward_done = time.perf_counter()
+        clip_grad_norm(model.parameters(), cfg.grad_clip or math.inf)
+        synchronize(device)
+        optimizer_start = time.perf_counter()
+        opt.step()
+        synchronize(device)
+        optimizer_done = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        synchronize(device)
+        if step >= warmup:
+            step_times.append(time.perf_counter() - start)
+            backward_times.append(backward_done - start)
+            optimizer_times.append(optimizer_done - optimizer_start)
+    if device.type == "cuda":
+        peak_bytes = torch.cuda.max_memory_allocated(device)
+    else:
+        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "device_type": device.type,
+        "step": statistics.median(step_times),
+        "forward_backward": statistics.median(backward_times),
+        "optimizer": statistics.median(optimizer_times),
+        "tokens_per_step": cfg.batch_size * cfg.sequence_length,
+        "flops_per_token": flops_per_token(model, cfg),
+        "peak_bytes": peak_bytes,
+        "peak_tflops": peak_tflops(device, peak_override),
+    }
+
+
+def report(results, steps, warmup):
+    """Print the side-by-side table and the ratios to the first optimizer."""
+    first = next(iter(results.values()))
+    peak = first["peak_tflops"]
+    print(
+        f"{first['device']}: median of {steps} steps after {warmup} warm-up steps, "
+        f"{first['tokens_per_step']:,} tokens/step"
+    )
+    header = f"{'optimizer':<10} {'step ms':>9} {'tokens/s':>11} {'fwd+bwd':>8} {'optim':>7} {'peak GiB':>9}"
+    print(header + (f" {'MFU':>6}" if peak else ""))
+    for name, r in results.items():
+        tokens_per_s = r["tokens_per_step"] / r["step"]
+        line = (
+            f"{name:<10} {r['step'] * 1e3:>9.1f} {tokens_per_s:>11,.0f} "
+            f"{r['forward_backward'] / r['step']:>8.1%} {r['optimizer'] / r['step']:>7.1%} "
+            f"{r['peak_bytes'] / 2**30:>9.2f}"
+        )
+        if peak:
+            line += f" {r['flops_per_token'] * tokens_per_s / (peak * 1e12):>6.1%}"
+        print(line)
+    if first["device_type"] == "cuda" and not peak:
+        print("MFU: this GPU is not in the table of bf16 peaks; pass --peak_tflops")
+    base_name = next(iter(results))
+    print(f"ratios to {base_name}:")
+    print(f"{'optimizer':<10} {'tokens/s':>9} {'optim ms':>9}")
+    for name, r in results.items():
+        print(f"{name:<10} {first['step'] / r['step']:>9.3f} {r['optimizer'] / first['optimizer']:>9.3f}")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--optimizer", default="muon,dion2,adamw", help="comma-separated optimizers")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak, for MFU")
+    args, config_argv = parser.parse_known_args(argv)
+    names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CHOICES["optimizer"]]
+    if not names or unknown:
+        parser.error(
+            f"--optimizer {args.optimizer!r}: unknown {', '.join(unknown) or 'empty list'}; "
+            f"allowed: {', '.join(CHOICES['optimizer'])}, comma-separated"
+        )
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    return args, names, config_argv
+
+
+def main(argv):
+    args, names, config_argv = parse_args(argv)
+    try:
+        load_config(config_argv)  # bad config input fails here, before any work
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    results = {}
+    # A fresh process per optimizer, so that the peak memory and the caches are its own.
+    context = multiprocessing.get_context("spawn")
+    for name in names:
+        with context.Pool(1) as pool:
+            try:
+                results[name] = pool.apply(
+                    measure, (config_argv, name, args.steps, args.warmup, args.peak_tflops)
+                )
+            except (ConfigError, ParamGroupError) as e:
+                sys.exit(f"error: {name}: {e}")
+        print(f"{name}: {results[name]['step'] * 1e3:.1f} ms/step", file=sys.stderr)
+    report(results, args.steps, args.warmup)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
