@@ -12,8 +12,8 @@ and the values of the other arguments) gets its own compiled region
 relies on is `torch._dynamo.config.accumulated_recompile_limit` (256 by default), the cap
 on all regions of one function: past it, new signatures run eagerly, with one warning.
 
-Values that change from step to step (the scheduled lr) must come as 0-d tensors
-(`as_tensors`): a Python number is part of the signature and would compile anew each step.
+Values that change from step to step (the scheduled lr) must come as 0-d tensors: a Python
+number is part of the signature and would compile anew each step.
 """
 
 import warnings
@@ -61,9 +61,3 @@ def run_compiled(fn, *args):
         )
         _regions[key] = region
     return region(*args)
-
-
-def as_tensors(device, **values):
-    """Float hyperparameters as 0-d float32 tensors on `device`, so that new values reuse
-    the compiled regions."""
-    return {name: torch.tensor(float(v), dtype=torch.float32, device=device) for name, v in values.items()}

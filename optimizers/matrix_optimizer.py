@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from optimizers.comm import Communicator, process_group
-from optimizers.compiled import as_tensors, run_compiled
+from optimizers.compiled import run_compiled
 from optimizers.newton_schulz import newton_schulz
 from optimizers.scalar import ScalarOptimizer
 
@@ -113,6 +113,7 @@ class MatrixOptimizer(ScalarOptimizer):
         self.use_triton = use_triton
         self._warned_no_kernels = False
         self.compile = compile
+        self._scalars = {}
         group = process_group(distributed_mesh)
         self.comm = Communicator(group) if group is not None else None
         # The data-parallel replicas of sharded matrices (HSDP's dp): they split the work.
@@ -328,10 +329,21 @@ class MatrixOptimizer(ScalarOptimizer):
         return run_compiled(fn, *args) if self.compile else fn(*args)
 
     def _hyperparameters(self, group, device, *names):
-        """The group's values of `names`: 0-d tensors when compiling (so that a scheduled lr
-        does not recompile), plain numbers otherwise."""
-        values = {name: group[name] for name in names}
-        return as_tensors(device, **values) if self.compile else values
+        """The group's values of `names`: 0-d float32 tensors on `device` when compiling (so
+        that a scheduled lr does not recompile), plain numbers otherwise.
+
+        Each tensor is kept and refilled: a fill is an asynchronous kernel, where a new tensor
+        made from a number is a host-to-device copy that waits for the device's queue.
+        """
+        if not self.compile:
+            return {name: group[name] for name in names}
+        values = {}
+        for name in names:
+            key = (id(group), name, device)
+            if key not in self._scalars:
+                self._scalars[key] = torch.zeros((), dtype=torch.float32, device=device)
+            values[name] = self._scalars[key].fill_(group[name])
+        return values
 
     def _apply(self, group, params, updates, scale):
         """W <- W (1 - lr wd) - lr scale U, with cautious decay where the group asks for it."""
