@@ -262,7 +262,7 @@ class Dion2(MatrixOptimizer):
         states = [self.state[p] for p in params]
         momenta = [s["momentum"] for s in states]
         grads = [p.grad for p in params]
-        batch, m, n = as_matrices(params[0], flatten).shape
+        m, n = matrix_shape(params[0], flatten)
         k = num_selected(group["fraction"], min(m, n))
         steps = []
         for state in states:
@@ -275,7 +275,7 @@ class Dion2(MatrixOptimizer):
             chosen = []
             for p, t in zip(params, steps, strict=True):
                 generator = self._generator(group, p, t)
-                draws = [torch.randperm(min(m, n), generator=generator)[:k] for _ in range(batch)]
+                draws = [torch.randperm(min(m, n), generator=generator)[:k] for _ in as_matrices(p, flatten)]
                 chosen.append(torch.stack(draws).sort(dim=-1).values.to(p.device))
         for state, indices, t in zip(states, chosen, steps, strict=True):
             self._record_selection(state, indices, t)

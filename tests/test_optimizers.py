@@ -248,6 +248,20 @@ def test_dion2_random_selection_is_seeded_and_moves():
     assert len({tuple(r) for r in rows(7)}) > 1  # a new draw every step
 
 
+def test_dion2_random_selection_in_a_bucket_of_batches_and_single_matrices():
+    # One bucket (matrices of 12 x 20): a single matrix first, then a batch of three.
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(12, 20, generator=gen), torch.randn(3, 12, 20, generator=gen)]
+    opt = Dion2(params, fraction=0.25, selection="random", weight_decay=0.0)
+    before = [p.clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    for old, new in zip(before, params, strict=True):
+        for old_matrix, new_matrix in zip(old.reshape(-1, 12, 20), new.reshape(-1, 12, 20), strict=True):
+            assert len(changed_slices(old_matrix, new_matrix, True)) == 3
+
+
 def test_dion2_random_matches_reference_on_its_rows():
     gen = torch.Generator().manual_seed(2)
     p = torch.randn(12, 20, generator=gen)
