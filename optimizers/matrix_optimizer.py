@@ -71,6 +71,11 @@ def apply_update(params, updates, lr, weight_decay, scale, cautious):
     torch._foreach_add_(params, torch._foreach_mul(updates, -lr * scale))
 
 
+def ns_dtype(group, device):
+    """The group's Newton-Schulz compute dtype: its `ns_dtype`, else the device's default."""
+    return group.get("ns_dtype") or default_ns_dtype(device)
+
+
 def local_tensor(t):
     """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -249,7 +254,7 @@ class MatrixOptimizer(ScalarOptimizer):
         owned = [list(range(o, total, world)) for o in range(world)]
         mine = owned[rank]
         device, out_dtype = pieces[0].device, pieces[0].dtype
-        dtype = group.get("ns_dtype") or default_ns_dtype(device)
+        dtype = ns_dtype(group, device)
 
         def numel(block):
             return block[1] * block[3]
@@ -300,14 +305,14 @@ class MatrixOptimizer(ScalarOptimizer):
         mine = stacked[self.comm.rank * share : (self.comm.rank + 1) * share]
         if len(mine) < share:  # the last ranks' shares run short: pad with zero matrices
             mine = torch.cat([mine, mine.new_zeros(share - len(mine), *stacked.shape[1:])])
-        dtype = group.get("ns_dtype") or default_ns_dtype(stacked.device)
+        dtype = ns_dtype(group, stacked.device)
         ortho = self._newton_schulz(group, mine, out_dtype=dtype)
         return self.comm.all_gather_stack(ortho, total).to(stacked.dtype)
 
     def _newton_schulz(self, group, x, out_dtype=None):
         """Newton-Schulz in the group's compute dtype, through the Triton kernels when they
         were asked for and can run on x's device (otherwise PyTorch, with one warning)."""
-        dtype = group.get("ns_dtype") or default_ns_dtype(x.device)
+        dtype = ns_dtype(group, x.device)
         use_triton = False
         if self.use_triton:
             from optimizers.triton_ns import kernels_usable  # lazy: triton is optional

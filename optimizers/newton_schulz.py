@@ -50,6 +50,20 @@ def gram(x, block_rows=None):
     return out
 
 
+def torch_products(X, b, c):
+    """b A + c A^2 with A = X X^T; A is symmetric, so A^2 = A A^T."""
+    A = gram(X)
+    return gram(A).mul_(c).add_(A, alpha=b)
+
+
+def triton_products(X, b, c):
+    """b A + c A^2 with A = X X^T, both products in the Triton kernel."""
+    from optimizers.triton_ns import sym_gram  # lazy: triton is optional
+
+    A = sym_gram(X)
+    return sym_gram(A, A, alpha=c, beta=b)
+
+
 def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None, use_triton=False):
     """Orthonormalize each matrix of x (..., m, n): returns about U V^T of its SVD.
 
@@ -64,15 +78,8 @@ def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None
     X /= torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * safety + eps
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
+    products = triton_products if use_triton else torch_products
     for a, b, c in steps:
-        if use_triton:
-            from optimizers.triton_ns import sym_gram  # lazy: triton is optional
-
-            A = sym_gram(X)
-            B = sym_gram(A, A, alpha=c, beta=b)
-        else:
-            A = gram(X)
-            B = gram(A).mul_(c).add_(A, alpha=b)  # b A + c A^2; A is symmetric, so A^2 = A A^T
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+        X = torch.baddbmm(X, products(X, b, c), X, beta=a, alpha=1.0)
     X = X.reshape(*batch_shape, *X.shape[-2:])
     return (X.mT if tall else X).to(out_dtype or x.dtype)

@@ -72,8 +72,8 @@ def grid_points(grid, source):
                 raise SweepError(f"{source}: grid key {key} must map to a non-empty list, got {values!r}")
         for combo in itertools.product(*sub.values()):
             point = dict(zip(sub, combo, strict=True))
-            if point_name(point) not in seen:
-                seen.add(point_name(point))
+            if (name := point_name(point)) not in seen:
+                seen.add(name)
                 points.append(point)
     return points
 
@@ -135,6 +135,11 @@ def read_records(run_dir):
     return read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
 
 
+def last_val_loss(records):
+    """The run's latest validation loss (None before its first evaluation)."""
+    return next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
+
+
 def finished(records, cfg):
     """Whether a run's records reach its last step."""
     return bool(records) and records[-1]["step"] == cfg.num_iterations
@@ -194,8 +199,8 @@ def summary(runs_dir, runs, outcome):
     lines = [f"{'run':<{width}}  {'status':<8} {'val_loss':>9} {'tokens':>12} {'train s':>8}"]
     for name, _, _ in runs:
         records = read_records(REPO / runs_dir / name)
-        vals = [r["val_loss"] for r in records if "val_loss" in r]
-        val = f"{vals[-1]:.4f}" if vals else "-"
+        val = last_val_loss(records)
+        val = f"{val:.4f}" if val is not None else "-"
         tokens = f"{records[-1]['tokens']:,}" if records else "-"
         seconds = f"{sum(r['step_time'] for r in records):.0f}" if records else "-"
         lines.append(f"{name:<{width}}  {outcome[name]:<8} {val:>9} {tokens:>12} {seconds:>8}")
@@ -245,12 +250,12 @@ def main(argv=None):
             rc = train(command(argv, args.nproc_per_node), log)
         seconds = time.perf_counter() - start
         records = read_records(run_dir)
-        vals = [r["val_loss"] for r in records if "val_loss" in r]
         # The records decide, not the exit code: a gloo rank rarely aborts at exit after its work.
         if finished(records, cfg):
             outcome[name] = "done"
             note = f" (exit {rc})" if rc else ""
-            print(f"{prefix} done in {seconds:.0f} s, val_loss {vals[-1]:.4f}{note}", flush=True)
+            val = last_val_loss(records)  # the last step is always evaluated
+            print(f"{prefix} done in {seconds:.0f} s, val_loss {val:.4f}{note}", flush=True)
         else:
             outcome[name] = "failed"
             last = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or [""]
