@@ -5,19 +5,21 @@
         --ortho_fraction 0.25 --compile true
 
 Each optimizer in `--optimizer` runs in a fresh process: `--warmup` steps (compilation
-happens there), then `--steps` timed training steps of the config (every micro-batch's
-forward and backward, gradient clipping, optimizer.step()) on random tokens, in one process
-on one device. Any other `--key value` is a config override, as for train.py.
+happens there), then `--steps` timed training steps of the config on random tokens, in one
+process on one device. The model is built and each step taken by the very functions that
+train.py calls (training/model_setup.py, training/step.py): every micro-batch's forward and
+backward, then the gradient clipping, the ranks' agreement on the loss, and optimizer.step().
+Any other `--key value` is a config override, as for train.py.
 
-Reported per optimizer: median step time, tokens/s, the shares of forward+backward and of
-the optimizer step (the clip and zero_grad are the rest), peak memory (CUDA: the allocator's
-peak; CPU: the process's peak resident set), and on CUDA the model FLOPs utilization against
-the device's dense bf16 peak (`--peak_tflops` overrides the table). Ratios are against the
-first optimizer listed.
+Reported per optimizer: median step time, tokens/s, the shares of forward+backward and of the
+rest of the step (clipping, the loss check and optimizer.step()), peak memory (CUDA: the
+allocator's peak; CPU: the process's peak resident set), and on CUDA the model FLOPs
+utilization against the device's dense bf16 peak (`--peak_tflops` overrides the table).
+Ratios are against the first optimizer listed.
 """
 
 import argparse
-import math
+import itertools
 import multiprocessing
 import resource
 import statistics
@@ -30,13 +32,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from models.gpt_model import GPT, GPTConfig
+from models.gpt_model import GPTConfig
 from scripts.timing import synchronize
 from training.config import CHOICES, ConfigError, load_config
-from training.distributed import pick_device
-from training.grad_clip import clip_grad_norm
+from training.distributed import init_distributed
+from training.mesh import Layout
+from training.model_setup import build_model
 from training.param_groups import ParamGroupError, build_optimizer, build_param_groups
 from training.precision import bf16_autocast
+from training.step import accumulate_gradients, apply_gradients
 
 # Dense bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets. The first name that
 # appears in torch.cuda.get_device_name() wins, so the more specific names come first.
@@ -75,45 +79,41 @@ def flops_per_token(model, cfg):
 def measure(argv, optimizer, steps, warmup, peak_override):
     """Run warmup + timed steps of one optimizer; return its measurements."""
     cfg = load_config([*argv, "--optimizer", optimizer])
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    with torch.device(device):
-        model = GPT(GPTConfig(cfg.model_dim, cfg.n_layer, cfg.n_head, cfg.sequence_length))
-    model.init_weights(cfg.seed)
+    ctx = init_distributed(cfg.device)
+    device = ctx.device
+    model, forward = build_model(cfg, Layout(), None, ctx)
     opt = build_optimizer(build_param_groups(model, cfg), cfg)
-    forward = torch.compile(model) if cfg.compile else model
     autocast = bf16_autocast(cfg.precision, device)
     micro_steps = cfg.batch_size // cfg.device_batch_size
     generator = torch.Generator(device).manual_seed(cfg.seed)
     shape = (cfg.device_batch_size, cfg.sequence_length + 1)
     vocab = GPTConfig.vocab_size
-    batches = [
-        torch.randint(0, vocab, shape, device=device, generator=generator) for _ in range(min(micro_steps, 4))
-    ]
+    batches = itertools.cycle(
+        [
+            torch.randint(0, vocab, shape, device=device, generator=generator)
+            for _ in range(min(micro_steps, 4))
+        ]
+    )
+
+    def next_batch():
+        tokens = next(batches)
+        return tokens[:, :-1], tokens[:, 1:]
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_times, backward_times, optimizer_times = [], [], []
     for step in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
-        for micro in range(micro_steps):
-            tokens = batches[micro % len(batches)]
-            with autocast:
-                loss = forward(tokens[:, :-1], tokens[:, 1:])
-            (loss / micro_steps).backward()
-        synchronize(device)
-        backward_done = time.perf_counter()
-        clip_grad_norm(model.parameters(), cfg.grad_clip or math.inf)
+        train_loss = accumulate_gradients(forward, next_batch, micro_steps, autocast)
         synchronize(device)
         optimizer_start = time.perf_counter()
-        opt.step()
+        apply_gradients(model, opt, train_loss, 1.0, cfg.grad_clip, False, ctx.world_size)
         synchronize(device)
-        optimizer_done = time.perf_counter()
-        opt.zero_grad(set_to_none=True)  # host-side only: nothing to wait for
         if step >= warmup:
             step_times.append(time.perf_counter() - start)
-            backward_times.append(backward_done - start)
-            optimizer_times.append(optimizer_done - optimizer_start)
+            backward_times.append(optimizer_start - start)
+            optimizer_times.append(time.perf_counter() - optimizer_start)
     if device.type == "cuda":
         peak_bytes = torch.cuda.max_memory_allocated(device)
     else:

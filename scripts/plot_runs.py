@@ -84,9 +84,10 @@ def labels(configs):
 def tail_train_loss(records):
     """The mean train loss over the last quarter of the steps: in a single pass over the data
     each batch is scored before the model trains on it, so this is a held-out loss over many
-    more tokens than a small validation set."""
+    more tokens than a small validation set. Skipped steps, whose loss was not finite (null),
+    are left out."""
     last = records[-1]["step"]
-    tail = [r["train_loss"] for r in records if r["step"] > 0.75 * last]
+    tail = [r["train_loss"] for r in records if r["step"] > 0.75 * last and r["train_loss"] is not None]
     return statistics.mean(tail)
 
 

@@ -73,22 +73,17 @@ def python():
     return sys.executable
 
 
+def torchrun_command(nproc, argv):
+    """The command that runs train.py on `nproc` gloo ranks."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*run, "train.py", *argv]
+
+
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(nproc, argv):
     """Run train.py on `nproc` gloo ranks; return the completed process."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            "train.py",
-            *argv,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        torchrun_command(nproc, argv), cwd=REPO, capture_output=True, text=True, timeout=120, env=TORCHRUN_ENV
     )

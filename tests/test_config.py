@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training.config import KEYS, ConfigError, TrainConfig, load_config
+from training.config import KEYS, ConfigError, TrainConfig, help_text, load_config, shown_value
 
 
 @pytest.fixture
@@ -119,21 +119,47 @@ def test_shipped_configs_load():
         assert isinstance(cfg, TrainConfig) and cfg.run_name == path.stem
 
 
-def test_readme_table_lists_every_key_with_its_default():
+def test_readme_table_is_the_configs_own_definitions():
     import re
 
     from tests.conftest import REPO
 
-    rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \|", (REPO / "README.md").read_text(), flags=re.MULTILINE)
-    table = dict(rows)
-    assert list(table) == list(KEYS)
-    for key, field in KEYS.items():
-        shown = table[key].strip().strip("`")
-        if field.default is None:
-            assert shown in ("null", "the config file's name"), key
-        else:
-            expected = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
-            assert shown == expected, key
+    rows = re.findall(
+        r"^\| `(\w+)` \| `([^|]+)` \| (.+) \|$", (REPO / "README.md").read_text(), flags=re.MULTILINE
+    )
+    assert [row[0] for row in rows] == list(KEYS)
+    for name, default, meaning in rows:
+        field = KEYS[name]
+        assert default == shown_value(field.default), name
+        assert meaning == field.metadata["meaning"], name
+
+
+def test_help_lists_every_key_with_its_type_default_and_meaning():
+    text = help_text()
+    for name, field in KEYS.items():
+        assert f"--{name} (" in text
+        assert field.metadata["meaning"].split()[0] in text
+    assert "--lr (float, default 0.02)" in text
+    assert "--optimizer (str, default dion2; one of dion2, muon, normuon, dion, adamw)" in text
+    assert "--max_skipped_steps (int, default 0)" in text
+
+
+@pytest.mark.parametrize("text", ["3e-4", "3E-4", "3.0e-4", ".3e-3", "+3e-4"])
+def test_exponent_floats_are_floats_on_the_command_line_and_in_yaml(yaml_file, text):
+    assert load_config(["--lr", text]).lr == 0.0003
+    assert load_config(["--config", yaml_file(f"lr: {text}\n")]).lr == 0.0003
+    assert load_config(["--scalar_lr", text]).scalar_lr == 0.0003  # float or null
+    assert load_config(["--warmup_ratio", "5E-1", "--weight_decay", "1e-3"]).weight_decay == 0.001
+
+
+def test_exponent_numbers_stay_errors_for_int_keys_and_text_for_str_keys(yaml_file):
+    with pytest.raises(ConfigError, match="n_layer must be int, got '5E\\+2'"):
+        load_config(["--n_layer", "5E+2"])
+    with pytest.raises(ConfigError, match="seed must be int"):
+        load_config(["--config", yaml_file("seed: 1e3\n")])
+    with pytest.raises(ConfigError, match="lr must be >= 0, got -0.01"):
+        load_config(["--lr", "-1e-2"])
+    assert load_config(["--run_name", "1e3"]).run_name == "1e3"
 
 
 @pytest.mark.parametrize(("device", "message"), [("tpu:0", "device must be auto, cpu"), ("cuda:0", "CUDA")])

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import torchrun
 from tests.test_train import run_cli
 from training.config import ConfigError, load_config
-from training.mesh import mesh_sizes
+from training.mesh import Layout, mesh_sizes
 
 
 def sizes(world, *argv):
@@ -15,14 +15,18 @@ def sizes(world, *argv):
 
 
 def test_no_sizes_means_data_parallel_on_all_ranks():
-    assert sizes(1) == (1, 1, 1)
-    assert sizes(8) == (8, 1, 1)
+    assert sizes(1) == Layout(1, 1, 1)
+    assert sizes(8) == Layout(dp=8)
+    assert sizes(8).dp_enabled and not sizes(8).sharded
 
 
 def test_unset_sizes_are_one():
-    assert sizes(4, "--dp_size", "4") == (4, 1, 1)
-    assert sizes(4, "--fs_size", "2", "--dp_size", "2", "--optimizer", "adamw") == (2, 2, 1)
-    assert sizes(2, "--fs_size", "2", "--optimizer", "adamw") == (1, 2, 1)
+    assert sizes(4, "--dp_size", "4") == Layout(4, 1, 1)
+    assert sizes(4, "--fs_size", "2", "--dp_size", "2", "--optimizer", "adamw") == Layout(2, 2, 1)
+    assert sizes(2, "--fs_size", "2", "--optimizer", "adamw") == Layout(1, 2, 1)
+    tp = sizes(4, "--fs_size", "2", "--tp_size", "2")
+    assert tp.tp_enabled and tp.fsdp_enabled and tp.sharded and not tp.dp_enabled
+    assert str(tp) == "dp x fs x tp = 1 x 2 x 2" and tp.world_size == 4
 
 
 @pytest.mark.parametrize(

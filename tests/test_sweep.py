@@ -278,3 +278,8 @@ def test_stopping_the_sweep_stops_its_run(tmp_path):
     written = metrics.read_text()
     time.sleep(2)
     assert metrics.read_text() == written
+
+
+def test_the_tail_train_loss_leaves_out_skipped_steps():
+    records = [{"step": s, "train_loss": loss} for s, loss in [(1, 9.0), (2, 5.0), (3, None), (4, 3.0)]]
+    assert plot_runs.tail_train_loss(records) == 3.0

@@ -80,8 +80,28 @@ def test_metrics_and_run_folder(tmp_path):
     saved = list_checkpoints(run)[-1]
     assert saved.name == "step_000008" and (saved / ".metadata").is_file()  # a DCP folder
     state = load_checkpoint(saved)
-    assert set(state) == {"loader", "rng", "step", "config", "wandb_id"}
+    assert set(state) == {"loader", "rng", "step", "skipped_steps", "config", "wandb_id"}
     assert state["step"] == 8
+
+
+def test_an_exponent_learning_rate_on_the_command_line(tmp_path):
+    records = run_train(tmp_path, "e", lr="3e-4", num_iterations=2)
+    assert records[0]["lr"] == 0.0003
+    assert "lr: 0.0003" in (tmp_path / "e" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_no_arguments_help_and_no_run_name_are_one_line_or_help():
+    from training.config import KEYS, USAGE
+
+    bare = run_cli([])
+    assert (bare.returncode, bare.stderr, bare.stdout) == (1, f"error: {USAGE}\n", "")
+    helped = run_cli(["--help"])
+    assert helped.returncode == 0 and helped.stderr == ""
+    assert all(f"--{key} (" in helped.stdout for key in KEYS)
+    nameless = run_cli(["--num_iterations", "1"])
+    assert nameless.returncode == 1 and nameless.stderr.count("\n") == 1
+    assert nameless.stderr.startswith("error: no run name: pass --config FILE")
 
 
 def test_same_seed_same_losses_bit_for_bit(tmp_path):

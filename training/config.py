@@ -5,6 +5,8 @@ Every key has the same name in the YAML, on the command line and in the code tha
 
 import dataclasses
 import difflib
+import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -15,10 +17,17 @@ import yaml
 from optimizers.dion2 import DECAYS, SCOPES, SELECTIONS
 from optimizers.matrix_optimizer import ADJUST_LR
 from optimizers.scalar import SCALAR_ALGORITHMS
+from training.exit_codes import ExitCode
+from training.preemption import SIGNALS, parse_signals
 
 
 class ConfigError(ValueError):
     """A config key or value that is not allowed."""
+
+
+def key(default, meaning):
+    """A config key: its default and what it means (shown by `--help` and in the README)."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning})
 
 
 @dataclass
@@ -26,60 +35,118 @@ class TrainConfig:
     """All keys of a training run, with their defaults."""
 
     # data and run
-    data_dir: str = "data/shakespeare"
-    run_name: str | None = None  # default: the config file's name
-    runs_dir: str = "runs"
-    seed: int = 0
+    data_dir: str = key("data/shakespeare", "folder of `*_train_*.bin` and `*_val_*.bin` shards")
+    run_name: str | None = key(None, "output folder `runs_dir/run_name`; default: the config file's name")
+    runs_dir: str = key("runs", "where run folders go")
+    seed: int = key(
+        0, "weight initialisation and sampling; the same seed and config give bit-identical losses on the CPU"
+    )
     # model
-    model_dim: int = 768
-    n_layer: int = 12
-    n_head: int = 6
-    sequence_length: int = 1024
-    # batch: batch_size sequences per step, device_batch_size sequences per micro-batch
-    batch_size: int = 1024
-    device_batch_size: int = 32
-    num_iterations: int = 3000
+    model_dim: int = key(768, "width of the residual stream")
+    n_layer: int = key(12, "transformer blocks")
+    n_head: int = key(6, "attention heads; must divide `model_dim` into even head sizes")
+    sequence_length: int = key(1024, "tokens per sequence")
+    # batch
+    batch_size: int = key(1024, "sequences per optimizer step, over all ranks")
+    device_batch_size: int = key(32, "sequences per micro-batch on one rank")
+    num_iterations: int = key(3000, "optimizer steps")
     # optimizer and schedule
-    optimizer: str = "dion2"  # dion2, muon, normuon, dion or adamw: the matrices' algorithm
-    scalar_opt: str = "adamw"  # adamw or lion: vectors, embedding and lm_head
-    lr: float = 0.02
-    scalar_lr: float | None = None  # lr of the scalar groups; default: lr
-    lm_head_lr_scale: float | None = None  # default: 1/sqrt(model_dim) with lion, 1 with adamw
-    weight_decay: float = 0.01
-    mu: float = 0.95  # momentum (Muon, NorMuon, Dion) or error-feedback decay (Dion2)
-    ortho_fraction: float = 0.5  # Dion2's fraction of rows, Dion's rank fraction
-    selection: str = "l1"  # Dion2: l1 or random
-    selection_scope: str = "local"  # Dion2: local or global
-    decay: str = "selective"  # Dion2: selective or full (the paper's ablation)
-    adjust_lr: str | None = "spectral_norm"  # spectral_norm, rms_norm or null
-    nesterov: bool = False  # Muon, NorMuon
-    cautious_wd: bool = False  # Muon, NorMuon
-    use_polar_express: bool = True  # Newton-Schulz coefficients: Polar Express or the quintic
-    muon_beta2: float = 0.95  # NorMuon's per-neuron second moment
-    diagnostics_every: int = 10  # log Dion2's selection diagnostics every N steps; 0 = never
-    # compressed data-parallel sync: Dion (low-rank factors) or Dion2 with random selection
-    # (selected rows) all-reduce in the optimizer instead of the matrices' gradients
-    replicate_mesh_grad_sync: bool = False
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
-    grad_clip: float = 0.0  # 0 = off
+    optimizer: str = key(
+        "dion2", "the hidden matrices' algorithm: `dion2`, `muon`, `normuon`, `dion` or `adamw`"
+    )
+    scalar_opt: str = key(
+        "adamw", "the algorithm of the norm gains, the embedding and the lm_head: `adamw` or `lion`"
+    )
+    lr: float = key(0.02, "peak learning rate of the matrices")
+    scalar_lr: float | None = key(None, "peak learning rate of the scalar groups; null = `lr`")
+    lm_head_lr_scale: float | None = key(
+        None, "factor on the lm_head's lr; null = 1/sqrt(`model_dim`) with Lion, 1 with AdamW"
+    )
+    weight_decay: float = key(0.01, "decoupled weight decay (none on the embedding)")
+    mu: float = key(0.95, "momentum of Muon, NorMuon and Dion; Dion2's error-feedback decay (`ef_decay`)")
+    ortho_fraction: float = key(
+        0.5, "Dion2's fraction of rows or columns (`fraction`); Dion's `rank_fraction`"
+    )
+    selection: str = key(
+        "l1", "Dion2: the rows with the largest l1 norm, or `random` ones (seeded by `seed`)"
+    )
+    selection_scope: str = key(
+        "local", "Dion2 under sharding: select per shard (`local`) or over the whole matrix (`global`)"
+    )
+    decay: str = key(
+        "selective", "Dion2: decay only the selected momentum rows, or `full` (the paper's ablation)"
+    )
+    adjust_lr: str | None = key(
+        "spectral_norm", "the lr scale of a matrix update: `spectral_norm`, `rms_norm` or `null`"
+    )
+    nesterov: bool = key(False, "Nesterov momentum (Muon, NorMuon)")
+    cautious_wd: bool = key(False, "weight decay only where update and weight agree in sign (Muon, NorMuon)")
+    use_polar_express: bool = key(
+        True, "Newton-Schulz with Polar Express coefficients, or the classic quintic"
+    )
+    muon_beta2: float = key(0.95, "NorMuon's per-neuron second-moment decay")
+    diagnostics_every: int = key(10, "log Dion2's selection diagnostics every N steps; 0 = never")
+    replicate_mesh_grad_sync: bool = key(
+        False,
+        "compressed data-parallel sync: the dp replicas average only Dion2's selected rows "
+        "(`selection: random`) or Dion's low-rank factors, not the matrices' gradients; needs "
+        "`grad_clip: 0`",
+    )
+    warmup_ratio: float = key(0.0, "fraction of the steps with linear warmup")
+    warmdown_ratio: float = key(0.2, "fraction of the steps, at the end, with linear decay to 0")
+    grad_clip: float = key(0.0, "clip the gradient's global norm to this before the optimizer step; 0 = off")
     # evaluation, checkpoints, logging
-    val_loss_every: int = 0  # 0 = only at the end
-    val_tokens: int = 10_485_760
-    checkpoint_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: str | None = None  # "auto" or a checkpoint path
-    wandb_project: str | None = None
-    sample_tokens: int = 64  # tokens of text sampled at the end; 0 = none
-    # parallelism: dp_size x fs_size x tp_size ranks; unset sizes are 1, none set = DDP on all ranks
-    dp_size: int | None = None
-    fs_size: int | None = None
-    tp_size: int | None = None
+    val_loss_every: int = key(
+        0, "validation every N steps; 0 = only at the end (the last step is always evaluated)"
+    )
+    val_tokens: int = key(
+        10_485_760,
+        "validate on this fixed prefix of the val shards; a multiple of ranks x `device_batch_size` x "
+        "`sequence_length`",
+    )
+    checkpoint_every: int = key(
+        0, "checkpoint every N steps; 0 = only at the end (the last step always saves)"
+    )
+    keep_checkpoints: int = key(2, "how many recent checkpoints to keep")
+    # failures and preemption
+    max_skipped_steps: int = key(
+        0,
+        "steps whose loss or gradient norm is NaN or inf that are skipped, weights and optimizer state "
+        f"untouched, before the run stops with exit code {ExitCode.NON_FINITE}; 0 = stop at the first",
+    )
+    preempt_signals: str = key(
+        "SIGTERM,SIGUSR1",
+        "signals that make every rank finish its step, checkpoint it and exit with code "
+        f"{ExitCode.PREEMPTED}: comma-separated names from {', '.join(SIGNALS)}, or `none`",
+    )
+    resume: str | None = key(
+        None,
+        "`auto`: continue `runs/<run_name>` from its newest checkpoint, or start fresh if it has none; "
+        "or a checkpoint path",
+    )
+    wandb_project: str | None = key(
+        None,
+        "log to Weights & Biases under this project; off when null. `WANDB_MODE=offline` works with no "
+        "network",
+    )
+    sample_tokens: int = key(64, "tokens of text sampled at the end of the run; 0 = none")
+    # parallelism
+    dp_size: int | None = key(None, "data-parallel ranks; with no size set, all ranks are data-parallel")
+    fs_size: int | None = key(
+        None, "FSDP ranks (an unset size is 1); the product dp x fs x tp must equal the world size"
+    )
+    tp_size: int | None = key(None, "tensor-parallel ranks; must divide `n_head` and the padded vocabulary")
     # hardware
-    compile: bool = False  # torch.compile the model and the optimizer's per-shape math
-    use_triton: bool = False  # Muon, NorMuon, Dion2: Newton-Schulz in the Triton kernels
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32
+    compile: bool = key(
+        False,
+        "`torch.compile` the model, and the optimizer's per-shape math; costs tens of seconds on the "
+        "first steps",
+    )
+    use_triton: bool = key(
+        False, "Muon, NorMuon, Dion2: Newton-Schulz's symmetric products in the Triton kernels (CUDA)"
+    )
+    device: str = key("auto", "`auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`")
+    precision: str = key("auto", "`auto` (bf16 autocast on CUDA, fp32 elsewhere), `bf16`, `fp32`")
 
 
 KEYS = {f.name: f for f in fields(TrainConfig)}
@@ -121,19 +188,34 @@ def _closest(key):
     return f"; did you mean '{ALIASES.get(match[0], match[0])}'?" if match else ""
 
 
-def _check_type(key, value, source):
+# A decimal float with an exponent and no dot, such as 3e-4: YAML 1.1, which PyYAML follows,
+# reads it as a string, though every YAML 1.2 parser and Python read it as a number.
+EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _allowed_types(key):
     hint = typing.get_type_hints(TrainConfig)[key]
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def _check_type(key, value, source):
+    allowed = _allowed_types(key)
     if value is None and type(None) in allowed:
         return None
+    if float in allowed and isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value):
+        return float(value)
     # bool is a subclass of int in Python, but True is never a valid count or rate.
     if isinstance(value, bool) == (bool in allowed):
         if float in allowed and isinstance(value, int):
             return float(value)
         if any(t is not type(None) and isinstance(value, t) for t in allowed):
             return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    names = _type_names(allowed)
     raise ConfigError(f"{source}: {key} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _type_names(allowed):
+    return " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
 
 
 def _apply(values, overrides, source):
@@ -161,9 +243,8 @@ def _parse_flags(argv):
             continue
         if key not in KEYS:
             raise ConfigError(f"command line: unknown key '--{key}'{_closest(key)}")
-        hint = typing.get_type_hints(TrainConfig)[key]
         # A string key keeps the text as typed ("001" stays "001"); others parse as YAML.
-        is_str = str in (typing.get_args(hint) or (hint,))
+        is_str = str in _allowed_types(key)
         parsed = yaml.safe_load(value) if value else None
         overrides[key] = value if is_str and parsed is not None else parsed
     return config_path, overrides
@@ -188,6 +269,7 @@ def validate(cfg):
     for key in (
         "val_loss_every",
         "checkpoint_every",
+        "max_skipped_steps",
         "sample_tokens",
         "seed",
         "lr",
@@ -235,6 +317,10 @@ def validate(cfg):
                 f"grad_clip {cfg.grad_clip} cannot be used with replicate_mesh_grad_sync: the replicas never "
                 "hold the averaged gradient whose norm it clips; set grad_clip 0"
             )
+    try:
+        parse_signals(cfg.preempt_signals)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name.startswith(".")):
         raise ConfigError(f"run_name must be a plain folder name, got '{cfg.run_name}'")
 
@@ -258,6 +344,51 @@ def load_config(argv):
     _apply(values, overrides, "command line")
     cfg = TrainConfig(**values)
     validate(cfg)
+    return cfg
+
+
+USAGE = "usage: python train.py --config FILE [--key value ...]; python train.py --help lists every key"
+
+
+def shown_value(value):
+    """A key's value as YAML writes it: null, true, 0.02."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def help_text():
+    """Every key with its type, default and meaning, read from TrainConfig itself."""
+    lines = [
+        USAGE,
+        "",
+        "Each key can be set in the YAML file or on the command line (--key value or --key=value);",
+        "the command line wins. Values are read as YAML: true, null, 0.02, 3e-4.",
+        "",
+    ]
+    for name, field in KEYS.items():
+        choices = f"; one of {', '.join(shown_value(c) for c in CHOICES[name])}" if name in CHOICES else ""
+        lines.append(
+            f"--{name} ({_type_names(_allowed_types(name))}, default {shown_value(field.default)}{choices})"
+        )
+        lines += textwrap.wrap(
+            field.metadata["meaning"], width=96, initial_indent="    ", subsequent_indent="    "
+        )
+    return "\n".join(lines)
+
+
+def command_line(argv):
+    """The TrainConfig of a train.py command line, or None when it asked for --help (printed).
+    With no arguments, or no run name (neither --config nor --run_name), a ConfigError gives
+    the usage line."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return None
+    if not argv:
+        raise ConfigError(USAGE)
+    cfg = load_config(argv)
+    if cfg.run_name is None:
+        raise ConfigError(
+            f"no run name: pass --config FILE (the run is named after it) or --run_name NAME; {USAGE}"
+        )
     return cfg
 
 

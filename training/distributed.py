@@ -65,11 +65,36 @@ def mean_over_ranks(value, ctx):
     return value
 
 
+def leave_process_group():
+    """Leave the process groups together: a barrier, then destroy them all.
+
+    Every rank enters the barrier after its own collectives (on any group) have completed, so
+    past it no peer has one in flight. A rank that destroyed its groups earlier could close
+    connections under a peer's collective."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def shutdown(ctx):
     """Tear the process group down cleanly, so no rank aborts at exit."""
     if ctx.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device, agreed_errors=()):
+    """The DistContext of this process for the `with` block, torn down cleanly when every rank
+    leaves it together: normally, or by an error that all ranks raise alike (`agreed_errors`).
+
+    Any other exception leaves the group alone: the other ranks may be waiting in a
+    collective, and a barrier here would wait for them until the timeout."""
+    ctx = init_distributed(device)
+    try:
+        yield ctx
+    except agreed_errors:
+        shutdown(ctx)
+        raise
+    shutdown(ctx)
 
 
 def wrap_model(model, ctx, unsynced=()):

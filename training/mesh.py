@@ -1,20 +1,59 @@
 """The DP x FSDP x TP layout: sizes from the config, checked against the world and the model."""
 
+from dataclasses import dataclass
+
 from torch.distributed.device_mesh import init_device_mesh
 
 from models.gpt_model import GPTConfig
 from training.config import ConfigError
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks split the work: dp replicas x fs FSDP shards x tp tensor-parallel ranks."""
+
+    dp: int = 1
+    fs: int = 1
+    tp: int = 1
+
+    @property
+    def world_size(self):
+        """The ranks of the layout: dp x fs x tp."""
+        return self.dp * self.fs * self.tp
+
+    @property
+    def dp_enabled(self):
+        """Whether there are data-parallel replicas (DDP, or HSDP's replicate dimension)."""
+        return self.dp > 1
+
+    @property
+    def fsdp_enabled(self):
+        """Whether FSDP shards the weights over fs ranks."""
+        return self.fs > 1
+
+    @property
+    def tp_enabled(self):
+        """Whether tensor parallelism splits the weights over tp ranks."""
+        return self.tp > 1
+
+    @property
+    def sharded(self):
+        """Whether weights are sharded (FSDP or TP), rather than replicated or whole."""
+        return self.fsdp_enabled or self.tp_enabled
+
+    def __str__(self):
+        return f"dp x fs x tp = {self.dp} x {self.fs} x {self.tp}"
+
+
 def mesh_sizes(cfg, world_size):
-    """(dp, fs, tp) for `world_size` ranks, or a ConfigError before any work starts.
+    """The Layout of `world_size` ranks, or a ConfigError before any work starts.
 
     No size given: plain data parallelism over all ranks. Otherwise an unset size is 1, and
     the product must equal the world size.
     """
     given = {"dp_size": cfg.dp_size, "fs_size": cfg.fs_size, "tp_size": cfg.tp_size}
     if all(v is None for v in given.values()):
-        return world_size, 1, 1
+        return Layout(dp=world_size)
     for key, value in given.items():
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
@@ -28,19 +67,14 @@ def mesh_sizes(cfg, world_size):
     for name, size in (("n_head", cfg.n_head), ("padded vocabulary", model.padded_vocab_size)):
         if size % tp:
             raise ConfigError(f"tp_size {tp} must divide the {name} ({size})")
-    return dp, fs, tp
+    return Layout(dp, fs, tp)
 
 
 def build_mesh(layout, device_type):
     """The ("dp", "fs", "tp") DeviceMesh of a layout, or None in a single process."""
-    if layout == (1, 1, 1):
+    if layout.world_size == 1:
         return None
-    return init_device_mesh(device_type, layout, mesh_dim_names=("dp", "fs", "tp"))
-
-
-def is_sharded(layout):
-    """Whether weights are sharded (FSDP or TP), rather than replicated or whole."""
-    return layout[1] > 1 or layout[2] > 1
+    return init_device_mesh(device_type, (layout.dp, layout.fs, layout.tp), mesh_dim_names=("dp", "fs", "tp"))
 
 
 def fsdp_mesh(mesh):

@@ -1,6 +1,7 @@
 """Per-step metrics: a JSONL file in the run folder and, when asked for, Weights & Biases."""
 
 import json
+import math
 import uuid
 from pathlib import Path
 
@@ -41,8 +42,10 @@ class MetricsLogger:
             )
 
     def log(self, record):
-        """Write one step's record; `record["step"]` is the number of completed steps."""
-        self.file.write(json.dumps(record) + "\n")
+        """Write one step's record; `record["step"]` is the number of completed steps. A NaN or
+        inf is written as null (bare NaN is not JSON); the record's `nonfinite` names it."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record["step"])
