@@ -211,13 +211,17 @@ class _MetadataUnpickler(pickle.Unpickler):
 class _SafeReader(dcp.FileSystemReader):
     """DCP's file reader, with .metadata read by `_MetadataUnpickler` instead of pickle.load."""
 
+    _metadata = None
+
     def read_metadata(self, *args, **kwargs):
-        with open(Path(self.path) / ".metadata", "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        # Read once: the caller validates it before dcp.load, which asks again.
+        if self._metadata is None:
+            with open(Path(self.path) / ".metadata", "rb") as f:
+                self._metadata = _MetadataUnpickler(f).load()
+            if getattr(self._metadata, "storage_meta", None) is None:
+                self._metadata.storage_meta = StorageMeta()
+            self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
 
 
 class _SafePlanner(dcp.DefaultLoadPlanner):
