@@ -67,21 +67,37 @@ def fsdp_placement(param):
 
 def apply_fsdp(model, mesh, bf16_compute, matrix_mesh=None):
     """Shard every block, then the root, with FSDP2 over `mesh`: the fs mesh, or dp x fs for
-    HSDP (replicated over dp, sharded over fs). With `bf16_compute`, parameters are cast to
-    bf16 for the forward and backward, while gradients reduce and weights stay in fp32.
+    HSDP (replicated over dp, sharded over fs).
+
+    With `bf16_compute`, the blocks' matrices are all-gathered in bf16 for the forward and
+    backward, and their gradients reduce in fp32. Everything else computes as DDP under bf16
+    autocast does: the embedding, the norm gains and the lm_head are gathered in fp32 (the
+    norm gains of a block as one group of their own, one small extra all-gather), and the
+    blocks' inputs, the residual stream and the rotary tables, are never cast to bf16.
+    Autocast then casts each matmul's inputs, so both layouts round the same values.
 
     With `matrix_mesh` (the fs mesh alone), the blocks' matrices are sharded over it instead,
     so FSDP never all-reduces their gradients over the replicas: compressed sync does that
     in the optimizer."""
-    policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fp32 = MixedPrecisionPolicy()
+    matrices = (
+        MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
         if bf16_compute
-        else MixedPrecisionPolicy()
+        else fp32
     )
+
+    def shard(modules, mesh, policy):
+        fully_shard(modules, mesh=mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
+
     for block in model.blocks:
         if matrix_mesh is not None:
             for linear in (m for m in block.modules() if isinstance(m, torch.nn.Linear)):
-                fully_shard(linear, mesh=matrix_mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
-        fully_shard(block, mesh=mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
-    fully_shard(model, mesh=mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
+                shard(linear, matrix_mesh, matrices)
+            shard(block, mesh, fp32)  # what is left of the block: its norm gains
+        else:
+            shard([m for m in block.modules() if isinstance(m, torch.nn.RMSNorm)], mesh, fp32)
+            shard(block, mesh, matrices)
+    shard(model, mesh, fp32)
     return model

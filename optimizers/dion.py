@@ -22,20 +22,28 @@ QR_METHODS = ("cholesky_qr", "qr")
 def orthonormalize_columns(p, method):
     """An orthonormal basis of the columns of each matrix of p (batch, m, r).
 
-    Cholesky-QR costs a small Gram matrix, its Cholesky factor and a triangular solve, but
-    it squares the condition number; run twice (CholeskyQR2) it is orthonormal to working
-    precision. Where a Gram matrix is not positive definite (a rank-deficient p), it falls
-    back to Householder QR.
+    "cholesky_qr" is shifted CholeskyQR3 (Fukaya et al., 2020): Cholesky-QR costs a small Gram
+    matrix, its Cholesky factor and a triangular solve, but squares the condition number. So
+    the first pass shifts the Gram matrix's diagonal by 11 (m r + r (r + 1)) u ||p||_F^2,
+    which keeps its factor real however ill-conditioned p is, and leaves a basis of the same
+    span conditioned well enough for two plain passes (CholeskyQR2) to make it orthonormal to
+    working precision: the Q of p's QR. Those passes add one rounding unit of the mean
+    eigenvalue, so that a rank-deficient p gives a finite basis (its missing directions small)
+    rather than NaN. No step branches on the factorization's success, which would make the
+    host wait for the device on every matrix, as a fallback to Householder QR would.
     """
-    if method == "cholesky_qr":
-        basis = p
-        for _ in range(2):
-            factor, info = torch.linalg.cholesky_ex(basis.mT @ basis)
-            if info.any():
-                return torch.linalg.qr(p).Q
-            basis = torch.linalg.solve_triangular(factor.mT, basis, upper=True, left=False)
-        return basis
-    return torch.linalg.qr(p).Q
+    if method == "qr":
+        return torch.linalg.qr(p).Q
+    m, r = p.shape[-2:]
+    unit = torch.finfo(p.dtype).eps / 2
+    basis = p
+    for shift in (11 * (m * r + r * (r + 1)) * unit, unit / r, unit / r):
+        gram = basis.mT @ basis
+        diagonal = gram.diagonal(dim1=-2, dim2=-1)
+        diagonal += (diagonal.sum(-1, keepdim=True) * shift).clamp_min(torch.finfo(p.dtype).tiny)
+        factor, _ = torch.linalg.cholesky_ex(gram)
+        basis = torch.linalg.solve_triangular(factor.mT, basis, upper=True, left=False)
+    return basis
 
 
 class Dion(MatrixOptimizer):

@@ -28,6 +28,15 @@ def expand_index(indices, slices):
     return indices.unsqueeze(-1).expand(-1, -1, slices.size(-1))
 
 
+def to_device(tensors, device):
+    """Host tensors on `device`. On CUDA they travel in one copy from pinned memory that the
+    host does not wait for: a copy from pageable memory would wait for the device's queue."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    flat = torch.cat(tensors).pin_memory().to(device, non_blocking=True)
+    return list(flat.split([len(t) for t in tensors]))
+
+
 def accumulate_and_select_l1(momenta, grads, k, flatten):
     """M <- M + G for each matrix; returns the sorted indices (batch, k) of each M's k slices
     with the largest l1 norm."""
@@ -65,6 +74,36 @@ def decay_and_apply(
     for p, indices, update in zip(params, chosen, ortho.split(sizes), strict=True):
         slices = slice_major(as_matrices(p, flatten))
         slices.scatter_add_(1, expand_index(indices, slices), update * (-lr * scale))
+
+
+def slice_ranges(span):
+    """The distinct, non-empty slice ranges (start, count) of a matrix's rank blocks, in order."""
+    return sorted({(a, la) for a, la, _, _ in span if la})
+
+
+def selected_runs_local(fraction, spans):
+    """Where each rank's slices sit in each matrix's sorted selection, [(first, count) per rank]
+    per matrix, when every slice range selects ceil(fraction x its slices) on its own: known
+    from the ranges alone, without looking at the selection."""
+    runs = []
+    for span in spans:
+        runs_of_ranges, first = {}, 0
+        for a, la in slice_ranges(span):
+            runs_of_ranges[(a, la)] = (first, num_selected(fraction, la))
+            first += runs_of_ranges[(a, la)][1]
+        runs.append([runs_of_ranges[(a, la)] if la else (0, 0) for a, la, _, _ in span])
+    return runs
+
+
+def selected_runs_global(chosen, spans):
+    """As `selected_runs_local`, for selections of the whole matrix: how many of the chosen
+    slices fall in each rank's range depends on the norms, so the counts of every matrix are
+    found on the device and read back in one transfer."""
+    bounds = torch.tensor(
+        [[[a, a + la] for a, la, _, _ in span] for span in spans], device=chosen[0].device
+    ).flatten(1)
+    ends = torch.searchsorted(torch.stack(chosen), bounds).view(len(spans), -1, 2).tolist()
+    return [[(lo, hi - lo) for lo, hi in matrix] for matrix in ends]
 
 
 class Dion2(MatrixOptimizer):
@@ -202,31 +241,27 @@ class Dion2(MatrixOptimizer):
                 start, count = span[comm.rank][:2]
                 partial[x, start : start + count] = torch.linalg.vector_norm(view, ord=1, dim=1)
             norms = comm.all_reduce_sum(partial)
+        global_scope = group["selection_scope"] == "global"
         chosen = []
         for x, (p, t, span) in enumerate(zip(params, steps, spans, strict=True)):
-            ranges = sorted({(a, la) for a, la, _, _ in span if la})
-            if group["selection_scope"] == "global":
-                ranges, salt = [(0, slices)], False
-            else:
-                salt = len(ranges) > 1
+            ranges = [(0, slices)] if global_scope else slice_ranges(span)
+            salt = len(ranges) > 1
             picks = []
             for a, la in ranges:
                 k = num_selected(fraction, la)
                 if norms is not None:
                     picks.append(norms[x, a : a + la].topk(k, sorted=False).indices.sort().values + a)
                 else:
-                    salt_key = (a,) if salt else ()
-                    picks.append(self._random_slices(group, p, t, la, k, salt_key).to(momenta[0].device) + a)
+                    picks.append(self._random_slices(group, p, t, la, k, (a,) if salt else ()) + a)
             chosen.append(torch.cat(picks))
+        if norms is None:
+            chosen = to_device(chosen, momenta[0].device)
+        runs = selected_runs_global(chosen, spans) if global_scope else selected_runs_local(fraction, spans)
         # Each rank's piece of the selected matrix (k x other), and its local slice indices.
         pieces, local_index, selected_blocks = [], [], []
-        for view, span, c in zip(major, spans, chosen, strict=True):
-            # c is sorted, so each rank's selected slices are one run of it: two binary
-            # searches per rank, read back once.
-            bounds = torch.tensor([[a, a + la] for a, la, _, _ in span], device=c.device)
-            ends = torch.searchsorted(c, bounds).tolist()
-            blocks = [(lo, hi - lo, b, lb) for (lo, hi), (_, _, b, lb) in zip(ends, span, strict=True)]
-            first, count = blocks[comm.rank][:2]
+        for view, span, c, run in zip(major, spans, chosen, runs, strict=True):
+            blocks = [(first, count, b, lb) for (first, count), (_, _, b, lb) in zip(run, span, strict=True)]
+            first, count = run[comm.rank]
             index = c[first : first + count] - span[comm.rank][0]
             local_index.append(index)
             pieces.append(view.index_select(0, index))
@@ -276,7 +311,8 @@ class Dion2(MatrixOptimizer):
             for p, t in zip(params, steps, strict=True):
                 generator = self._generator(group, p, t)
                 draws = [torch.randperm(min(m, n), generator=generator)[:k] for _ in as_matrices(p, flatten)]
-                chosen.append(torch.stack(draws).sort(dim=-1).values.to(p.device))
+                chosen.append(torch.stack(draws).sort(dim=-1).values)
+            chosen = to_device(chosen, params[0].device)
         for state, indices, t in zip(states, chosen, steps, strict=True):
             self._record_selection(state, indices, t)
         selected = self._run(gather_selected, momenta, chosen, flatten)

@@ -1,6 +1,14 @@
 """Triton kernels for Newton-Schulz: X @ X^T (and b*A + c*A@A) computing only the tiles on and
-above the diagonal, mirrored below, batched over a leading dimension."""
+above the diagonal, mirrored below, batched over a leading dimension.
 
+Precision rule, the same as the PyTorch path's: the products run in the dtype they are given.
+bf16 inputs multiply in bf16 with fp32 accumulation; fp32 inputs multiply in full fp32
+(`input_precision="ieee"`), never in TF32, which `tl.dot` would otherwise pick on NVIDIA GPUs
+and which PyTorch's matmuls do not use unless a user enables it. So `ns_dtype: fp32` gives the
+same answer, to fp32 rounding, with and without `use_triton`.
+"""
+
+import contextlib
 import os
 
 import torch
@@ -58,7 +66,7 @@ def _sym_gram_kernel(
             mask=(cols[None, :] < m) & (k[:, None] < n),
             other=0.0,
         )
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision="ieee")
     acc = acc * alpha
     mask = (rows[:, None] < m) & (cols[None, :] < m)
     if HAS_Y:
@@ -86,19 +94,21 @@ def sym_gram(x, y=None, alpha=1.0, beta=0.0):
     block_m, block_k = (64, 32) if x.device.type == "cuda" else (16, 16)
     tiles = triton.cdiv(m, block_m)
     y_arg = out if y is None else y  # never read when HAS_Y is false
-    _sym_gram_kernel[(b, tiles * (tiles + 1) // 2)](
-        x,
-        y_arg,
-        out,
-        m,
-        n,
-        *x.stride(),
-        *y_arg.stride(),
-        *out.stride(),
-        alpha,
-        beta,
-        HAS_Y=y is not None,
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-    )
+    # Triton launches on the current CUDA device, which need not be the one x lives on.
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        _sym_gram_kernel[(b, tiles * (tiles + 1) // 2)](
+            x,
+            y_arg,
+            out,
+            m,
+            n,
+            *x.stride(),
+            *y_arg.stride(),
+            *out.stride(),
+            alpha,
+            beta,
+            HAS_Y=y is not None,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+        )
     return out

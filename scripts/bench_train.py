@@ -108,7 +108,7 @@ def measure(argv, optimizer, steps, warmup, peak_override):
         train_loss = accumulate_gradients(forward, next_batch, micro_steps, autocast)
         synchronize(device)
         optimizer_start = time.perf_counter()
-        apply_gradients(model, opt, train_loss, 1.0, cfg.grad_clip, False, ctx.world_size)
+        outcome = apply_gradients(model, opt, train_loss, 1.0, cfg.grad_clip, False, ctx.world_size)
         synchronize(device)
         if step >= warmup:
             step_times.append(time.perf_counter() - start)
@@ -128,6 +128,7 @@ def measure(argv, optimizer, steps, warmup, peak_override):
         "flops_per_token": flops_per_token(model, cfg),
         "peak_bytes": peak_bytes,
         "peak_tflops": peak_tflops(device, peak_override),
+        "final_loss": outcome.train_loss,
     }
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: small shard folders and a helper that runs train.py in-process."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.distributed as dist
 
 from data.shards import write_shard
+from training.distributed import leave_process_group
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -87,3 +90,16 @@ def torchrun(nproc, argv):
     return subprocess.run(
         torchrun_command(nproc, argv), cwd=REPO, capture_output=True, text=True, timeout=120, env=TORCHRUN_ENV
     )
+
+
+@contextlib.contextmanager
+def gloo(rank, world_size, init_file):
+    """A gloo process group for one spawned worker. On success the ranks leave it together
+    (a barrier, then destroy), so none closes its connections under a peer's collective."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()  # the peers fail too; mp.spawn reports this rank's error
+        raise
+    leave_process_group()

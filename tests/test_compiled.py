@@ -21,9 +21,19 @@ from training.param_groups import build_optimizer, build_param_groups
 MANY_SHAPES = [(8 + 4 * i, 24) for i in range(7)] + [(24, 10 + 4 * i) for i in range(7)]
 
 
-@pytest.fixture
-def counter(monkeypatch):
-    """A backend that counts the graphs Dynamo compiles (and runs them eagerly)."""
+@pytest.fixture(
+    params=[
+        pytest.param(True, id="isolate_recompiles"),
+        pytest.param(False, id="code_copy"),
+    ]
+)
+def counter(request, monkeypatch):
+    """A backend that counts the graphs Dynamo compiles (and runs them eagerly), with each
+    way of isolating the regions this torch offers: `isolate_recompiles` (torch 2.13 on),
+    and the copy of the function's code that older releases (2.11) need."""
+    if request.param and not compiled.ISOLATES_RECOMPILES:
+        pytest.skip(f"torch {torch.__version__} has no torch.compile(isolate_recompiles=...)")
+    monkeypatch.setattr(compiled, "ISOLATES_RECOMPILES", request.param)
     backend = CompileCounter()
     monkeypatch.setattr(compiled, "BACKEND", backend)
     return backend

@@ -1,6 +1,5 @@
 """Distributed optimizer steps (gloo, several processes) against the single-process step."""
 
-import contextlib
 import math
 import os
 
@@ -12,7 +11,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
-from training.distributed import leave_process_group
+from tests.conftest import gloo
 
 # Five matrices of one shape (an uneven split over 2 or 3 ranks), two of another, a batch of
 # matrices, and a vector in an AdamW group.
@@ -45,19 +44,6 @@ def run_case(name, distributed_mesh=None):
         opt.step()
     moved = opt.comm_bytes() if hasattr(opt, "comm_bytes") else 0
     return {"params": [*matrices, vector], "state": opt.state_dict()["state"], "comm_bytes": moved}
-
-
-@contextlib.contextmanager
-def gloo(rank, world_size, init_file):
-    """A gloo process group for one spawned worker. On success the ranks leave it together
-    (a barrier, then destroy), so none closes its connections under a peer's collective."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        yield
-    except BaseException:
-        dist.destroy_process_group()  # the peers fail too; mp.spawn reports this rank's error
-        raise
-    leave_process_group()
 
 
 def worker(rank, world_size, init_file, names, out_dir):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
+from optimizers.dion import orthonormalize_columns
 from optimizers.dion2 import num_selected
 from optimizers.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, QUINTIC, gram, newton_schulz
 
@@ -488,3 +489,15 @@ def test_step_takes_a_closure():
     opt = Dion2([p])
     loss = opt.step(closure=lambda: (p**2).sum().backward() or (p**2).sum())
     assert loss is not None and p.grad is not None
+
+
+def test_cholesky_qr_of_a_rank_deficient_matrix_is_finite_and_spans_it():
+    # The jitter that replaces the fallback to QR (whose test made the host wait): a rank-2
+    # matrix of 8 columns still gives a finite basis whose span holds every column.
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(1, 64, 2, generator=gen) @ torch.randn(1, 2, 8, generator=gen)
+    basis = orthonormalize_columns(p, "cholesky_qr")
+    assert basis.isfinite().all()
+    coefficients = torch.linalg.lstsq(basis, p).solution
+    torch.testing.assert_close(basis @ coefficients, p, atol=1e-4, rtol=0)
+    assert not orthonormalize_columns(torch.zeros(1, 8, 4), "cholesky_qr").any()

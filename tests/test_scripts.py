@@ -123,3 +123,23 @@ def test_bench_newton_schulz_runs_every_contender_it_can(capsys):
     assert "Newton-Schulz of 2 x 8 x 20 in fp32 on cpu, median of 2 calls" in out
     for name in ("pytorch", "torch.compile"):
         assert re.search(rf"^{re.escape(name)}\s+[\d.]+\s+[\d.]+$", out, re.M), name
+
+
+def test_gpu_check_lists_its_checks_and_without_cuda_says_so_in_one_line():
+    listed = run_script("gpu_check.py", "--dry-run")
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split("  ")[0] for line in listed.stdout.splitlines()]
+    assert names[:3] == ["triton products", "triton newton-schulz", "triton device guard"]
+    assert {"fsdp bf16 1 rank", "compile", "no host sync", "160m dion2", "160m adamw"} <= set(names)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    run = run_script("gpu_check.py")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        f"gpu_check: no CUDA device here (torch {torch.__version__}); nothing to check"
+    ]
+    unknown = run_script("gpu_check.py", "--only", "fsdp")
+    assert (
+        unknown.returncode == 2
+        and "--only: unknown check 'fsdp'; the checks: triton products" in unknown.stderr
+    )

@@ -47,7 +47,10 @@ def list_checkpoints(run_dir):
 
 
 def rng_state():
-    """The state of every random number generator a run may draw from, as plain JSON values."""
+    """The state of every random number generator a run may draw from, as plain JSON values.
+
+    On CUDA, that is the generator of this process's own device (the current one): a resume
+    may see fewer or more GPUs, so no state is tied to another device's index."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -55,7 +58,7 @@ def rng_state():
         "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
@@ -74,7 +77,12 @@ def set_rng_state(state):
     np.random.set_state(numpy)
     torch.set_rng_state(_bytes(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_bytes(s) for s in state["cuda"]])
+        cuda = state["cuda"]
+        if not isinstance(cuda[0], int):
+            # Older checkpoints kept every visible GPU's state, as rank 0 saw them; the first
+            # is the only one it drew from.
+            cuda = cuda[0]
+        torch.cuda.set_rng_state(_bytes(cuda))
 
 
 @contextlib.contextmanager

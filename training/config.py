@@ -145,7 +145,11 @@ class TrainConfig:
     use_triton: bool = key(
         False, "Muon, NorMuon, Dion2: Newton-Schulz's symmetric products in the Triton kernels (CUDA)"
     )
-    device: str = key("auto", "`auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`")
+    device: str = key(
+        "auto",
+        "`auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`; "
+        "under torchrun a CUDA rank takes cuda:LOCAL_RANK",
+    )
     precision: str = key("auto", "`auto` (bf16 autocast on CUDA, fp32 elsewhere), `bf16`, `fp32`")
 
 

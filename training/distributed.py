@@ -29,29 +29,51 @@ class DistContext:
         return dist.group.WORLD if self.world_size > 1 else None
 
 
-def pick_device(device, local_rank=0):
-    """Resolve the `device` key: "auto" is CUDA when present, else the CPU."""
+def pick_device(device, local_rank=None):
+    """Resolve the `device` key: "auto" is CUDA when present, else the CPU.
+
+    Under torchrun (`local_rank` given) a CUDA rank computes on GPU LOCAL_RANK of its node:
+    "cuda" and "auto" become cuda:LOCAL_RANK, and an explicit cuda:N that names another GPU is
+    refused, since ranks sharing a GPU stop NCCL ("Duplicate GPU detected"). A single process
+    takes cuda:0 for "cuda".
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
     try:
         resolved = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{device}'") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
         raise ConfigError(f"device '{device}' was asked for, but CUDA is not available here")
-    return resolved
+    if local_rank is not None and resolved.index not in (None, local_rank):
+        raise ConfigError(
+            f"device '{device}' contradicts LOCAL_RANK {local_rank}: under torchrun each rank computes "
+            "on cuda:LOCAL_RANK; pass --device cuda or auto"
+        )
+    index = local_rank if local_rank is not None else resolved.index or 0
+    visible = torch.cuda.device_count()
+    if index >= visible:
+        raise ConfigError(
+            f"device cuda:{index} was asked for (device '{device}', LOCAL_RANK {local_rank}), but this "
+            f"process sees {visible} CUDA device(s): cuda:0 to cuda:{visible - 1}"
+        )
+    return torch.device("cuda", index)
 
 
 def init_distributed(device):
-    """Start the process group when launched by torchrun (NCCL on CUDA, gloo otherwise)."""
-    if "RANK" not in os.environ:
-        return DistContext(rank=0, world_size=1, device=pick_device(device))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    resolved = pick_device(device, local_rank)
+    """Start the process group when launched by torchrun (NCCL on CUDA, gloo otherwise).
+
+    A CUDA process makes its device the current one, so that work which follows the current
+    device (Triton's launches, NCCL's communicators, torch.cuda calls without a device) runs on
+    the device its tensors live on."""
+    launched = "RANK" in os.environ
+    resolved = pick_device(device, int(os.environ["LOCAL_RANK"]) if launched else None)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
+    if not launched:
+        return DistContext(rank=0, world_size=1, device=resolved)
     dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=resolved)
 
@@ -111,7 +133,9 @@ def wrap_model(model, ctx, unsynced=()):
 
 def grad_sync(model, sync):
     """A context for one micro-batch's backward: gradients are reduced only when `sync`, so
-    they sync once per optimizer step rather than once per micro-batch (DDP and FSDP)."""
+    they sync once per optimizer step rather than once per micro-batch (DDP and FSDP).
+    `model` may be compiled: torch.compile's wrapper hides the module it compiled."""
+    model = getattr(model, "_orig_mod", model)
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(sync)
     elif not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):

@@ -20,9 +20,12 @@ def clip_grad_norm(params, max_norm):
     grads = [p.grad for p in params if p.grad is not None]
     world = dist.get_world_size() if dist.is_initialized() else 1
     locals_ = [local_tensor(g) for g in grads]
-    weights = torch.tensor([distinct_shards(g) / world for g in grads], device=locals_[0].device)
-    squares = torch.stack(torch._foreach_norm(locals_)).float().square()
-    total = (squares * weights).sum()
+    # The weights multiply as Python numbers: a tensor of them would be a host-to-device copy,
+    # which waits for the device's queue, every step.
+    norms = torch._foreach_norm(locals_, dtype=torch.float32)
+    weights = [distinct_shards(g) / world for g in grads]
+    squares = torch._foreach_mul(torch._foreach_mul(norms, norms), weights)
+    total = torch.stack(squares).sum()
     if world > 1:
         dist.all_reduce(total)
     total = total.sqrt()

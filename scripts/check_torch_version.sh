@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Run the test suite under another torch release, in a venv of its own:
+#
+#     bash scripts/check_torch_version.sh 2.11.0 [pytest args...]
+#
+# The GPU image we borrow has torch 2.11 (with triton 3.6) and installs nothing, so the code
+# must work there as well as on the torch that requirements.txt pins. The venv lives in
+# .venvs/torch-VERSION and is reused on later runs.
+set -euo pipefail
+version="${1:?usage: bash scripts/check_torch_version.sh TORCH_VERSION [pytest args...]}"
+shift
+cd "$(dirname "$0")/.."
+venv=".venvs/torch-$version"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+# Everything requirements.txt pins, except torch and the packages whose version follows it:
+# triton comes as torch's own dependency (3.6 for torch 2.11), and numpy stays below 2.4,
+# since Triton 3.6's interpreter (TRITON_INTERPRET=1, as the tests run it) fails under numpy
+# 2.4 with "only 0-dimensional arrays can be converted to Python scalars".
+others=$(grep -vE '^(torch|triton|numpy)[=<> ;]' requirements-dev.txt requirements.txt | grep -vE '^[^:]*:(-r |#|$)' | cut -d: -f2-)
+# shellcheck disable=SC2086
+"$venv/bin/python" -m pip install -q "torch==$version" "numpy<2.4" $others
+"$venv/bin/python" -c "import torch, triton, numpy; print(f'torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}')"
+HF_HUB_OFFLINE=1 WANDB_MODE=offline "$venv/bin/python" -m pytest "$@"

@@ -1,0 +1,333 @@
+"""Every CUDA-only path, checked on one GPU in a few minutes, with one table of results.
+
+    python scripts/gpu_check.py            # on a machine with a CUDA GPU
+    python scripts/gpu_check.py --dry-run  # list the checks, run nothing
+
+The test suite runs on CPUs, so these paths are checked nowhere else:
+- the Triton kernels, compiled for the GPU, against PyTorch: fp32 products must be full fp32
+  (tl.dot would take TF32), and a launch must follow its tensors' device;
+- bf16 autocast, and FSDP's bf16 mixed precision on one rank, which must compute what
+  autocast computes (fp32 residual stream and rotary tables);
+- the CUDA generator's state through a checkpoint's JSON;
+- `compile: true`, with no recompile after the first step;
+- no host synchronization inside optimizer.step() or the gradient clipping, for each optimizer;
+- `--steps` training steps of the 160M config with each optimizer: tokens/s, MFU, the
+  optimizer's share of the step and peak memory (scripts/bench_train.py's measurement).
+
+It needs torch, numpy, PyYAML and triton; it exits 0 when every check passes, 1 otherwise.
+Without CUDA it says so in one line and exits 0.
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIMIZERS = ("muon", "normuon", "dion", "dion2", "adamw")
+# A model small enough to check a path in seconds, with every kind of parameter.
+SMALL = ["--model_dim", "256", "--n_layer", "2", "--n_head", "4", "--sequence_length", "256"]
+SMALL += ["--batch_size", "8", "--device_batch_size", "8", "--lr", "0.02"]
+
+
+class Skipped(Exception):
+    """A check that this machine cannot run (for example one that needs two GPUs)."""
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_triton_products(device):
+    """The symmetric-product kernel against torch.bmm, in fp32 and bf16."""
+    from optimizers.triton_ns import sym_gram
+
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(4, 512, 768, device=device, generator=generator)
+    exact = torch.bmm(x.double(), x.double().mT)
+    fp32 = relative_error(sym_gram(x), exact)
+    bf16 = relative_error(sym_gram(x.bfloat16()), exact)
+    # Full fp32 is about 1e-7 off here; TF32 (10-bit mantissas) about 1e-3.
+    assert fp32 < 1e-5, f"fp32 products {fp32:.1e} off: not full fp32 (TF32?)"
+    assert bf16 < 2e-2, f"bf16 products {bf16:.1e} off"
+    return f"relative error: fp32 {fp32:.1e}, bf16 {bf16:.1e}"
+
+
+def check_triton_newton_schulz(device):
+    """Newton-Schulz through the kernels against the PyTorch path, per compute dtype."""
+    from optimizers.newton_schulz import newton_schulz
+
+    generator = torch.Generator(device).manual_seed(1)
+    x = torch.randn(8, 768, 3072, device=device, generator=generator)
+    reference = newton_schulz(x.double(), dtype=torch.float64)
+    errors = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        kernels = relative_error(newton_schulz(x, dtype=dtype, use_triton=True), reference)
+        pytorch = relative_error(newton_schulz(x, dtype=dtype), reference)
+        errors[dtype] = (kernels, pytorch)
+        assert kernels <= 2 * pytorch + 1e-5, f"{dtype}: kernels {kernels:.1e} vs PyTorch {pytorch:.1e}"
+    return ", ".join(f"{str(d)[6:]}: kernels {k:.1e}, PyTorch {p:.1e}" for d, (k, p) in errors.items())
+
+
+def check_triton_device_guard(device):
+    """A launch on tensors of the second GPU while the first is current."""
+    from optimizers.triton_ns import sym_gram
+
+    if torch.cuda.device_count() < 2:
+        raise Skipped("needs 2 GPUs")
+    other = torch.device("cuda", 1)
+    x = torch.randn(2, 128, 256, device=other)
+    with torch.cuda.device(0):
+        result = sym_gram(x)
+    torch.cuda.synchronize(other)
+    error = relative_error(result, torch.bmm(x, x.mT))
+    assert error < 1e-5, f"{error:.1e} off"
+    return f"cuda:1 with cuda:0 current: relative error {error:.1e}"
+
+
+def training_parts(argv, optimizer="muon"):
+    """(cfg, model, forward, optimizer, next_batch, autocast) of a one-process run on random tokens."""
+    from training.config import load_config
+    from training.distributed import init_distributed
+    from training.mesh import Layout
+    from training.model_setup import build_model
+    from training.param_groups import build_optimizer, build_param_groups
+    from training.precision import bf16_autocast
+
+    cfg = load_config([*argv, "--optimizer", optimizer, "--run_name", "gpu_check"])
+    ctx = init_distributed(cfg.device)
+    model, forward = build_model(cfg, Layout(), None, ctx)
+    opt = build_optimizer(build_param_groups(model, cfg), cfg)
+    generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
+    tokens = torch.randint(0, 50257, (cfg.device_batch_size, cfg.sequence_length + 1), generator=generator)
+    tokens = tokens.to(ctx.device)
+    autocast = bf16_autocast(cfg.precision, ctx.device)
+    return cfg, model, forward, opt, lambda: (tokens[:, :-1], tokens[:, 1:]), autocast
+
+
+def train_losses(parts, steps):
+    """The train losses of `steps` steps of training_parts' run."""
+    from training.step import accumulate_gradients, apply_gradients
+
+    cfg, model, forward, opt, next_batch, autocast = parts
+    accum_steps = cfg.batch_size // cfg.device_batch_size
+    losses = []
+    for step in range(steps):
+        loss = accumulate_gradients(forward, next_batch, accum_steps, autocast)
+        lr_scale = 1 - step / (2 * steps)  # a changing lr, as the schedule gives
+        losses.append(apply_gradients(model, opt, loss, lr_scale, cfg.grad_clip, False, 1).train_loss)
+    return losses
+
+
+def residual_dtypes(model):
+    """A hook list recording the dtype of every block's input (the residual stream)."""
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda _, args: seen.append((args[0].dtype, args[1].dtype)))
+    return seen
+
+
+def check_bf16_autocast(device):
+    """20 steps in bf16 against fp32: finite, close, the residual stream and rotary tables fp32."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        parts = training_parts([*SMALL, "--device", str(device), "--precision", precision])
+        seen = residual_dtypes(parts[1])
+        losses[precision] = train_losses(parts, 20)
+    assert set(seen) == {(torch.float32, torch.float32)}, f"block inputs {set(seen)}"
+    gap = max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"], strict=True))
+    assert all(map(math.isfinite, losses["bf16"])) and losses["bf16"][-1] < losses["bf16"][0]
+    assert gap < 0.1, f"bf16 and fp32 losses {gap:.3f} apart"
+    return f"loss {losses['bf16'][0]:.3f} -> {losses['bf16'][-1]:.3f}; largest gap to fp32 {gap:.1e}"
+
+
+def check_fsdp_mixed_precision(device):
+    """FSDP on one rank with bf16 parameters against autocast alone: the same losses."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from models.gpt_model import GPT
+    from models.parallelize import apply_fsdp
+    from training.param_groups import build_optimizer, build_param_groups
+
+    argv = [*SMALL, "--device", str(device), "--precision", "bf16"]
+    plain = train_losses(training_parts(argv, "adamw"), 5)
+    cfg, model, _, _, next_batch, autocast = training_parts(argv, "adamw")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with torch.device("meta"):
+            sharded = GPT(model.config)
+        apply_fsdp(sharded, init_device_mesh("cuda", (1,)), bf16_compute=True)
+        sharded.to_empty(device=device)
+        sharded.init_weights(cfg.seed)
+        seen = residual_dtypes(sharded)
+        opt = build_optimizer(build_param_groups(sharded, cfg), cfg)
+        fsdp = train_losses((cfg, sharded, sharded, opt, next_batch, autocast), 5)
+    finally:
+        dist.destroy_process_group()
+    assert set(seen) == {(torch.float32, torch.float32)}, f"block inputs {set(seen)}"
+    gap = max(abs(a - b) for a, b in zip(plain, fsdp, strict=True))
+    assert gap < 1e-3, f"FSDP bf16 losses {gap:.1e} from autocast's"
+    return f"AdamW, 5 steps: largest loss gap to autocast alone {gap:.1e}"
+
+
+def check_cuda_rng(device):
+    """The CUDA generator's state through a checkpoint's JSON and back."""
+    from training.checkpoint import rng_state, set_rng_state
+
+    state = json.loads(json.dumps(rng_state()))
+    expected = torch.rand(4, device=device)
+    torch.rand(100, device=device)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(4, device=device), expected), "a different draw after the restore"
+    return "the same draw after the restore"
+
+
+def check_compile(device):
+    """compile: true (model and optimizer) for Muon and Dion2: no compile after the first step."""
+    from torch._dynamo.utils import counters
+
+    details = []
+    for optimizer in ("muon", "dion2"):
+        parts = training_parts([*SMALL, "--device", str(device), "--compile", "true"], optimizer)
+        first = train_losses(parts, 1)
+        compiled = counters["stats"]["unique_graphs"]
+        later = train_losses(parts, 3)
+        recompiled = counters["stats"]["unique_graphs"] - compiled
+        assert recompiled == 0, f"{optimizer}: {recompiled} graphs compiled after the first step"
+        assert all(map(math.isfinite, first + later))
+        details.append(f"{optimizer} {compiled} graphs")
+    return ", ".join(details) + ", none after step 1"
+
+
+def check_no_host_sync(device):
+    """optimizer.step() and the gradient clipping of each optimizer, under CUDA's sync debug mode."""
+    from training.grad_clip import clip_grad_norm
+
+    variants = {name: [name] for name in OPTIMIZERS}
+    variants["dion2 random"] = ["dion2", "--selection", "random"]
+    for name, (optimizer, *options) in variants.items():
+        parts = training_parts([*SMALL, "--device", str(device), *options], optimizer)
+        cfg, model, forward, opt, next_batch, autocast = parts
+        train_losses(parts, 2)  # state made, caches warm
+        with autocast:
+            forward(*next_batch()).backward()
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            clip_grad_norm(model.parameters(), 1.0)
+            opt.step()
+        except RuntimeError as e:
+            raise AssertionError(f"{name}: {str(e).splitlines()[0]}") from None
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return f"none in {', '.join(variants)}"
+
+
+def make_check_160m(optimizer, steps):
+    """The check that trains the 160M config for `steps` steps with `optimizer`, timed."""
+
+    def check_160m(device):
+        from scripts.bench_train import measure
+
+        argv = ["--config", str(REPO / "configs" / "dion2_160m.yaml"), "--device", str(device)]
+        argv += ["--batch_size", "16", "--device_batch_size", "16"]
+        r = measure(argv, optimizer, steps, 5, None)
+        assert math.isfinite(r["final_loss"]), f"loss {r['final_loss']}"
+        tokens_per_s = r["tokens_per_step"] / r["step"]
+        return {
+            "detail": f"loss {r['final_loss']:.3f} after {steps + 5} steps",
+            "tokens/s": f"{tokens_per_s:,.0f}",
+            "MFU": f"{r['flops_per_token'] * tokens_per_s / (r['peak_tflops'] * 1e12):.1%}"
+            if r["peak_tflops"]
+            else "?",
+            "optim": f"{r['optimizer'] / r['step']:.1%}",
+            "peak GiB": f"{r['peak_bytes'] / 2**30:.2f}",
+        }
+
+    check_160m.__doc__ = f"{steps} steps of the 160M config (16 x 1024 tokens a step) with {optimizer}."
+    return check_160m
+
+
+def checks(steps):
+    """{name: check}: each takes the device and returns a detail line (or a row's columns)."""
+    found = {
+        "triton products": check_triton_products,
+        "triton newton-schulz": check_triton_newton_schulz,
+        "triton device guard": check_triton_device_guard,
+        "bf16 autocast": check_bf16_autocast,
+        "fsdp bf16 1 rank": check_fsdp_mixed_precision,
+        "cuda rng": check_cuda_rng,
+        "compile": check_compile,
+        "no host sync": check_no_host_sync,
+    }
+    found.update({f"160m {name}": make_check_160m(name, steps) for name in OPTIMIZERS})
+    return found
+
+
+COLUMNS = ("tokens/s", "MFU", "optim", "peak GiB")
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="list the checks and run nothing")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps of the 160M config per optimizer")
+    parser.add_argument("--only", default=None, help="comma-separated check names (default: all)")
+    args = parser.parse_args(argv)
+    found = checks(args.steps)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",")]
+        unknown = [n for n in names if n not in found]
+        if unknown:
+            parser.error(f"--only: unknown check {unknown[0]!r}; the checks: {', '.join(found)}")
+        found = {n: found[n] for n in names}
+    if args.dry_run:
+        for name, check in found.items():
+            print(f"{name:<22} {check.__doc__.splitlines()[0]}")
+        return 0
+    if not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device here (torch {torch.__version__}); nothing to check")
+        return 0
+    missing = [name for name in ("numpy", "yaml", "triton") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"gpu_check: missing packages: {', '.join(missing)} (yaml is PyYAML); install them first")
+        return 1
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    device = torch.device("cuda", 0)
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    rows, failed = [], 0
+    for name, check in found.items():
+        start = time.perf_counter()
+        try:
+            result = check(device)
+            status = "pass"
+        except Skipped as e:
+            result, status = str(e), "skip"
+        except Exception as e:  # a failing check is a row of the table, not the end of the run
+            traceback.print_exc(file=sys.stderr)
+            result, status = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "FAIL"
+            failed += 1
+        result = result if isinstance(result, dict) else {"detail": result}
+        rows.append({"check": name, "result": status, "s": f"{time.perf_counter() - start:.0f}", **result})
+        print(f"{name}: {status} ({rows[-1]['s']} s)", file=sys.stderr, flush=True)
+    header = ("check", "result", "s", *COLUMNS, "detail")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row.get(column, "") for column in header) + " |")
+    print(f"{len(rows) - failed} of {len(rows)} checks passed or skipped, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
