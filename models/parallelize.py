@@ -88,8 +88,8 @@ def apply_fsdp(model, mesh, bf16_compute, matrix_mesh=None):
         else fp32
     )
 
-    def shard(modules, mesh, policy):
-        fully_shard(modules, mesh=mesh, mp_policy=policy, shard_placement_fn=fsdp_placement)
+    def shard(modules, over, policy):
+        fully_shard(modules, mesh=over, mp_policy=policy, shard_placement_fn=fsdp_placement)
 
     for block in model.blocks:
         if matrix_mesh is not None:

@@ -160,9 +160,9 @@ def check_fsdp_mixed_precision(device):
     from models.parallelize import apply_fsdp
     from training.param_groups import build_optimizer, build_param_groups
 
-    argv = [*SMALL, "--device", str(device), "--precision", "bf16"]
-    plain = train_losses(training_parts(argv, "adamw"), 5)
-    cfg, model, _, _, next_batch, autocast = training_parts(argv, "adamw")
+    parts = training_parts([*SMALL, "--device", str(device), "--precision", "bf16"], "adamw")
+    cfg, model, _, _, next_batch, autocast = parts
+    plain = train_losses(parts, 5)
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with torch.device("meta"):
