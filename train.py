@@ -133,7 +133,7 @@ def train(cfg, layout, ctx, preemption):
     groups = build_param_groups(model, cfg)
     optimizer = build_optimizer(groups, cfg, optimizer_meshes(mesh, ctx))
     if ctx.is_main:
-        print("\n".join(describe_param_groups(groups)))
+        print("\n".join(describe_param_groups(groups, ctx.device)))
 
     # Resume: weights, optimizer, data position and RNGs, so the run continues exactly.
     step, skipped = 0, 0

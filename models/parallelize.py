@@ -6,7 +6,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from optimizers.matrix_optimizer import local_tensor
+from optimizers.sharding import local_tensor
 
 
 def apply_tp(model, tp_mesh):

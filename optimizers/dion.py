@@ -7,37 +7,33 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from optimizers.comm import Communicator, process_group
-from optimizers.matrix_optimizer import (
-    MatrixOptimizer,
-    as_matrices,
-    distinct_shards,
-    is_block_sharded,
-    local_block,
-    local_tensor,
-)
-
-QR_METHODS = ("cholesky_qr", "qr")
+from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices
+from optimizers.sharding import distinct_shards, is_block_sharded, local_block, local_tensor
 
 
 def orthonormalize_columns(p, method):
     """An orthonormal basis of the columns of each matrix of p (batch, m, r).
 
-    "cholesky_qr" is shifted CholeskyQR3 (Fukaya et al., 2020): Cholesky-QR costs a small Gram
+    "cholesky_qr" is shifted CholeskyQR (Fukaya et al., 2020): Cholesky-QR costs a small Gram
     matrix, its Cholesky factor and a triangular solve, but squares the condition number. So
-    the first pass shifts the Gram matrix's diagonal by 11 (m r + r (r + 1)) u ||p||_F^2,
-    which keeps its factor real however ill-conditioned p is, and leaves a basis of the same
-    span conditioned well enough for two plain passes (CholeskyQR2) to make it orthonormal to
-    working precision: the Q of p's QR. Those passes add one rounding unit of the mean
-    eigenvalue, so that a rank-deficient p gives a finite basis (its missing directions small)
-    rather than NaN. No step branches on the factorization's success, which would make the
-    host wait for the device on every matrix, as a fallback to Householder QR would.
+    the first two passes shift the Gram matrix's diagonal by 11 (m r + r (r + 1)) u ||p||_F^2,
+    which keeps its factor real however ill-conditioned p is; each cuts the condition number
+    to about its square root over u, and two leave a basis of the same span conditioned well
+    enough for two plain passes (CholeskyQR2) to make it orthonormal to working precision: the
+    Q of p's QR. (One shifted pass, CholeskyQR3, left 19% of 200 random fp32 matrices of
+    condition number 1e6 far from orthonormal; two left none. At 1e7, near 1/u, 4% fail.) The
+    plain passes add one rounding unit of the mean eigenvalue, so that a rank-deficient p
+    gives a finite basis (its missing directions small) rather than NaN. No step branches on
+    the factorization's success, which would make the host wait for the device on every
+    matrix, as a fallback to Householder QR would.
     """
     if method == "qr":
         return torch.linalg.qr(p).Q
     m, r = p.shape[-2:]
     unit = torch.finfo(p.dtype).eps / 2
     basis = p
-    for shift in (11 * (m * r + r * (r + 1)) * unit, unit / r, unit / r):
+    shifted = 11 * (m * r + r * (r + 1)) * unit
+    for shift in (shifted, shifted, unit / r, unit / r):
         gram = basis.mT @ basis
         diagonal = gram.diagonal(dim1=-2, dim2=-1)
         diagonal += (diagonal.sum(-1, keepdim=True) * shift).clamp_min(torch.finfo(p.dtype).tiny)
@@ -97,14 +93,6 @@ class Dion(MatrixOptimizer):
     def _communicators(self):
         return [*self.shard_comms, self.replicas]
 
-    def _check_matrix_group(self, group):
-        if not 0 < group["rank_fraction"] <= 1:
-            raise ValueError(f"rank_fraction must lie in (0, 1], got {group['rank_fraction']}")
-        if not 0 <= group["mu"] < 1:
-            raise ValueError(f"mu must lie in [0, 1), got {group['mu']}")
-        if group["qr_method"] not in QR_METHODS:
-            raise ValueError(f"unknown qr_method '{group['qr_method']}'; allowed: {', '.join(QR_METHODS)}")
-
     def _new_matrix_state(self, p, group):
         batch, m, n = as_matrices(p, False).shape
         rank = math.ceil(group["rank_fraction"] * min(m, n))
@@ -128,7 +116,7 @@ class Dion(MatrixOptimizer):
         sharded = isinstance(params[0], DTensor)
         # A sharded matrix's block, possibly empty, as a batch of one.
         matrices = (lambda t: t.to_local().unsqueeze(0)) if sharded else (lambda t: as_matrices(t, False))
-        blocks = [local_block(p) if sharded else (0, p.shape[-2], 0, p.shape[-1]) for p in params]
+        blocks = [local_block(p) for p in params]
         states = [self.state[p] for p in params]
         momenta = [matrices(s["momentum"]) for s in states]
         torch._foreach_add_(momenta, [matrices(p.grad) for p in params])

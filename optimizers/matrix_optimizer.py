@@ -15,15 +15,13 @@ import math
 import warnings
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import DTensor
 
+from optimizers.base import BaseOptimizer
 from optimizers.comm import Communicator, process_group
 from optimizers.compiled import run_compiled
 from optimizers.newton_schulz import newton_schulz
-from optimizers.scalar import ScalarOptimizer
-
-ADJUST_LR = ("spectral_norm", "rms_norm", None)
+from optimizers.sharding import Block, is_block_sharded, local_block, local_tensor
 
 
 def matrix_shape(p, flatten):
@@ -42,8 +40,10 @@ def matrix_shape(p, flatten):
 
 
 def as_matrices(t, flatten):
-    """View t as (batch, fan_out, fan_in)."""
-    return t.reshape(-1, *matrix_shape(t, flatten))
+    """View t as (batch, fan_out, fan_in); an empty shard too."""
+    m, n = matrix_shape(t, flatten)
+    batch = 1 if flatten or t.ndim == 2 else math.prod(t.shape[:-2])
+    return t.reshape(batch, m, n)
 
 
 def lr_scale(adjust_lr, fan_out, fan_in):
@@ -55,9 +55,23 @@ def lr_scale(adjust_lr, fan_out, fan_in):
     return 1.0
 
 
+def native_bf16(device):
+    """Whether `device` multiplies bf16 matrices natively: CUDA, and CPUs with AVX512-BF16 or
+    AMX. Elsewhere bf16 is emulated, and slow: on an AVX2-only CPU it made Muon's step 71x
+    slower than fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    return any(
+        getattr(torch.cpu, probe, lambda: False)()
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
 def default_ns_dtype(device):
-    """bf16 on CUDA; fp32 elsewhere (on this project's CPUs bf16 made Muon's step 71x slower)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """Newton-Schulz's compute dtype when a group sets none: bf16 where the hardware has it."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def apply_update(params, updates, lr, weight_decay, scale, cautious):
@@ -76,31 +90,7 @@ def ns_dtype(group, device):
     return group.get("ns_dtype") or default_ns_dtype(device)
 
 
-def local_tensor(t):
-    """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def distinct_shards(t):
-    """Into how many distinct pieces t is split (1 for a plain or replicated tensor)."""
-    if not isinstance(t, DTensor):
-        return 1
-    return math.prod(t.device_mesh.size(i) for i, pl in enumerate(t.placements) if pl.is_shard())
-
-
-def is_block_sharded(p):
-    """Whether p is a matrix whose ranks each hold one rectangular block (Shard(0), Shard(1) or
-    Replicate on every mesh dimension; no strided shards)."""
-    return p.ndim == 2 and all(pl in (Shard(0), Shard(1), Replicate()) for pl in p.placements)
-
-
-def local_block(p):
-    """(row0, rows, col0, cols): the block of the full matrix a DTensor's local shard holds."""
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return offset[0], shape[0], offset[1], shape[1]
-
-
-class MatrixOptimizer(ScalarOptimizer):
+class MatrixOptimizer(BaseOptimizer):
     """Base of Muon, NorMuon, Dion2 and Dion: the class's own algorithm for matrix groups,
     AdamW or Lion for the groups that ask for them."""
 
@@ -140,7 +130,7 @@ class MatrixOptimizer(ScalarOptimizer):
         return self.comm is not None and is_block_sharded(p)
 
     def _gather_blocks(self, params):
-        """Every rank's block of each sharded matrix: {p: [(row0, rows, col0, cols) per rank]}.
+        """Every rank's Block of each sharded matrix: {p: [Block per rank]}.
 
         The blocks of the ranks of distributed_mesh must tile each matrix exactly: a matrix
         sharded over other ranks too would otherwise be orthonormalized from a part.
@@ -150,8 +140,8 @@ class MatrixOptimizer(ScalarOptimizer):
         self.comm.take_bytes()  # a one-time exchange, not part of any step's traffic
         blocks = {}
         for i, p in enumerate(params):
-            blocks[p] = [tuple(int(v) for v in every[s, i]) for s in range(self.comm.world_size)]
-            if sum(rows * cols for _, rows, _, cols in blocks[p]) != p.numel():
+            blocks[p] = [Block(*(int(v) for v in every[s, i])) for s in range(self.comm.world_size)]
+            if sum(block.numel for block in blocks[p]) != p.numel():
                 raise ValueError(
                     f"a parameter of shape {tuple(p.shape)} (placements {p.placements}) is not tiled by "
                     f"the {self.comm.world_size} ranks of distributed_mesh; pass the mesh that shards it"
@@ -184,16 +174,8 @@ class MatrixOptimizer(ScalarOptimizer):
         super()._check_group(group)
         if group["algorithm"] != self.algorithm_name():
             return
-        if "adjust_lr" in group and group["adjust_lr"] not in ADJUST_LR:
-            raise ValueError(
-                f"unknown adjust_lr '{group['adjust_lr']}'; allowed: spectral_norm, rms_norm, None"
-            )
         for p in group["params"]:
             matrix_shape(p, group.get("flatten", False))
-        self._check_matrix_group(group)
-
-    def _check_matrix_group(self, group):
-        """Raise ValueError on a hyperparameter of the matrix algorithm that is out of range."""
 
     def _update_bucket(self, group, params):
         """Update a list of parameters whose matrices all have the same shape."""
@@ -222,7 +204,7 @@ class MatrixOptimizer(ScalarOptimizer):
         assigned = [list(range(d, len(pieces), replicas.world_size)) for d in range(replicas.world_size)]
         mine = assigned[replicas.rank]
         done = self._exchange_blocks(group, [pieces[i] for i in mine], [blocks[i] for i in mine], shape)
-        sizes = [[blocks[i][self.comm.rank][1] * blocks[i][self.comm.rank][3] for i in a] for a in assigned]
+        sizes = [[blocks[i][self.comm.rank].numel for i in a] for a in assigned]
         longest = max(sum(size) for size in sizes)
         flat = pieces[0].new_zeros(longest)
         if done:
@@ -238,9 +220,9 @@ class MatrixOptimizer(ScalarOptimizer):
     def _exchange_blocks(self, group, pieces, blocks, shape):
         """Newton-Schulz of whole matrices spread in blocks over the ranks of distributed_mesh.
 
-        pieces[i] is this rank's block of matrix i, and blocks[i][s] = (row0, rows, col0, cols)
-        says where rank s's block sits (every rank knows all blocks). Every matrix has `shape`.
-        Returns this rank's block of each result.
+        pieces[i] is this rank's block of matrix i, and blocks[i][s] is the Block of rank s
+        (every rank knows all blocks). Every matrix has `shape`. Returns this rank's block of
+        each result.
 
         Matrix i is owned by rank i % world. One all-to-all brings each owner the blocks of its
         matrices; the owner assembles and orthonormalizes whole matrices; a second all-to-all
@@ -255,20 +237,16 @@ class MatrixOptimizer(ScalarOptimizer):
         mine = owned[rank]
         device, out_dtype = pieces[0].device, pieces[0].dtype
         dtype = ns_dtype(group, device)
-
-        def numel(block):
-            return block[1] * block[3]
-
         received = comm.exchange(
             [[pieces[i] for i in owned[o]] for o in range(world)],
-            [sum(numel(blocks[j][s]) for j in mine) for s in range(world)],
+            [sum(blocks[j][s].numel for j in mine) for s in range(world)],
             out_dtype,
             device,
         )
         full = torch.zeros(len(mine), *shape, dtype=out_dtype, device=device)
         for s, flat in enumerate(received):
             for x, (j, part) in enumerate(
-                zip(mine, flat.split([numel(blocks[j][s]) for j in mine]), strict=True)
+                zip(mine, flat.split([blocks[j][s].numel for j in mine]), strict=True)
             ):
                 r0, rows, c0, cols = blocks[j][s]
                 full[x, r0 : r0 + rows, c0 : c0 + cols] = part.view(rows, cols)
@@ -281,14 +259,14 @@ class MatrixOptimizer(ScalarOptimizer):
                 ]
                 for s in range(world)
             ],
-            [sum(numel(blocks[i][rank]) for i in owned[o]) for o in range(world)],
+            [sum(blocks[i][rank].numel for i in owned[o]) for o in range(world)],
             dtype,
             device,
         )
         result = [None] * total
         for o, flat in enumerate(back):
-            for i, part in zip(owned[o], flat.split([numel(blocks[i][rank]) for i in owned[o]]), strict=True):
-                result[i] = part.view(blocks[i][rank][1], blocks[i][rank][3]).to(out_dtype)
+            for i, part in zip(owned[o], flat.split([blocks[i][rank].numel for i in owned[o]]), strict=True):
+                result[i] = part.view(blocks[i][rank].rows, blocks[i][rank].cols).to(out_dtype)
         return result
 
     def _orthonormalize(self, group, stacked):

@@ -3,7 +3,8 @@
 import torch
 from torch.distributed.tensor import DTensor
 
-from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, local_tensor, lr_scale, matrix_shape
+from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
+from optimizers.sharding import local_tensor
 
 
 def momentum_inputs(momenta, grads, mu, nesterov):
@@ -58,10 +59,6 @@ class Muon(MatrixOptimizer):
         )
         super().__init__(params, defaults, distributed_mesh, use_triton, replicate_mesh, compile)
 
-    def _check_matrix_group(self, group):
-        if not 0 <= group["mu"] < 1:
-            raise ValueError(f"mu must lie in [0, 1), got {group['mu']}")
-
     def _new_matrix_state(self, p, group):
         return {"momentum": torch.zeros_like(p)}
 
@@ -85,7 +82,7 @@ class Muon(MatrixOptimizer):
         if sharded:
             blocks = [self.blocks[p] for p in params]
             updates = [u.unsqueeze(0) for u in self._orthonormalize_blocks(group, inputs, blocks, shape)]
-            row_starts = [b[self.comm.rank][0] for b in blocks]
+            row_starts = [b[self.comm.rank].row0 for b in blocks]
         else:
             stacked = torch.cat([as_matrices(u, flatten) for u in inputs])
             ortho = self._orthonormalize(group, stacked)

@@ -2,6 +2,16 @@
 
     python scripts/bench_optimizer.py --model_dim 768 --n_layer 2 [--png bench.png]
     python scripts/bench_optimizer.py --model_dims 128 256 512 768 --png dims.png
+    python scripts/bench_optimizer.py --against ../shared/opponents/microsoft-dion
+
+With --against PATH (a checkout of microsoft/dion, or its `dion` package folder) it times ours
+against theirs instead, interleaved in one process on the same inputs: Muon, NorMuon, Dion2 and
+NorDion2 (fraction 0.25) at --model_dims (default 512 and 768), each side at its defaults and
+both with Newton-Schulz in fp32, eager on both sides (the reference compiles its Newton-Schulz
+by default), and compiled on both sides as an extra column unless --no-compiled. Reported: the
+minimum step over the timed steps, and ours / theirs. A step that takes over SLOW_STEP seconds
+is timed once, its warm-up step included: the reference's bf16 Newton-Schulz on a CPU without
+native bf16 takes minutes.
 
 With --model_dims it times each model dimension in turn, prints one table per dimension and a
 summary, and --png draws step time against model_dim, one line per contender (Figure 1, left).
@@ -15,6 +25,7 @@ noise falls on all of them alike. Reported: the minimum and the median over the 
 import argparse
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -28,6 +39,10 @@ from optimizers.newton_schulz import coefficients, gram
 from scripts.timing import interleaved
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The algorithms compared with microsoft/dion, and the ways each pair runs.
+AGAINST = ("muon", "normuon", "dion2", "nordion2")
+MODES = ("defaults", "fp32", "compiled")
+SLOW_STEP = 5.0
 
 
 def gpt_matrix_shapes(model_dim, n_layer):
@@ -94,6 +109,67 @@ def report(times, model_dim, n_layer, device, dtype):
         print(f"dion2 0.25 step / muon step: {ratio:.3f} (target <= 0.12)")
 
 
+def time_pair(ours, theirs, steps, warmup, device):
+    """{"ours": seconds, "theirs": seconds}: the minimum over `steps` interleaved steps after
+    `warmup`; a side whose warm-up step took over SLOW_STEP seconds keeps that one step."""
+    first = interleaved({"ours": ours, "theirs": theirs}, 1, 0, device)
+    if max(t[0] for t in first.values()) > SLOW_STEP:
+        return {name: t[0] for name, t in first.items()}
+    times = interleaved({"ours": ours, "theirs": theirs}, steps, max(warmup - 1, 0), device)
+    return {name: min(t) for name, t in times.items()}
+
+
+def against(path, model_dims, n_layer, steps, warmup, device, modes, seed=0):
+    """Time ours against microsoft/dion: {(model_dim, algorithm, mode): {"ours": s, "theirs": s}},
+    and ours alone: {model_dim: {"muon NS matmuls": s}} at the default dtype."""
+    from scripts.microsoft_dion import build, import_reference
+
+    results, own = {}, {}
+    for dim in model_dims:
+        shapes = gpt_matrix_shapes(dim, n_layer)
+        for algorithm in AGAINST:
+            for mode in modes:
+                reference = import_reference(path, compiled=mode == "compiled")
+                generator = torch.Generator().manual_seed(seed)
+                fp32 = mode == "fp32"
+                # Both sides start from the same weights and gradients.
+                compiled = mode == "compiled"
+                ours = partial(build, reference, algorithm, "ours", fp32=fp32, compile=compiled)
+                theirs = partial(build, reference, algorithm, "theirs", fp32=fp32)
+                ours = make_contender(ours, shapes, device, generator)
+                generator.manual_seed(seed)
+                theirs = make_contender(theirs, shapes, device, generator)
+                results[(dim, algorithm, mode)] = time_pair(ours, theirs, steps, warmup, device)
+                print(f"  {dim} {algorithm} {mode}: {results[(dim, algorithm, mode)]}", file=sys.stderr)
+        stacks = oriented_stacks(
+            shapes, device, default_ns_dtype(device), torch.Generator().manual_seed(seed)
+        )
+        own[dim] = min(interleaved({"ns": partial(ns_matmuls, stacks)}, steps, warmup, device)["ns"])
+    return results, own
+
+
+def report_against(results, own, modes, device):
+    """The table of ours against theirs, and our own targets at the default dtype."""
+    print(f"optimizer.step() against microsoft/dion on {device}: minimum step in ms, ours / theirs")
+    header = f"{'model_dim':>9} {'optimizer':<9}"
+    for mode in modes:
+        header += f" {mode + ' ours':>14} {'theirs':>10} {'ratio':>6}"
+    print(header)
+    for dim, algorithm in dict.fromkeys((d, a) for d, a, _ in results):
+        line = f"{dim:>9} {algorithm:<9}"
+        for mode in modes:
+            t = results[(dim, algorithm, mode)]
+            line += f" {t['ours'] * 1e3:>14.1f} {t['theirs'] * 1e3:>10.1f} {t['ours'] / t['theirs']:>5.2f}x"
+        print(line)
+    for dim, ns in own.items():
+        muon = results[(dim, "muon", "defaults")]["ours"]
+        dion2 = results[(dim, "dion2", "defaults")]["ours"]
+        print(
+            f"model_dim {dim}, ours at defaults: muon step / its NS matmuls {muon / ns:.3f} (target <= 1.3), "
+            f"dion2 0.25 / muon {dion2 / muon:.3f} (target <= 0.12)"
+        )
+
+
 def plot(times, path, title):
     """A bar chart of the median step times."""
     import matplotlib
@@ -153,8 +229,8 @@ def main(argv=None):
     parser.add_argument("--model_dims", type=int, nargs="+", default=None, help="time each of these instead")
     parser.add_argument("--n_layer", type=int, default=2)
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype",
@@ -164,10 +240,23 @@ def main(argv=None):
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument(
+        "--against", default=None, help="a microsoft/dion checkout or its dion package folder"
+    )
+    parser.add_argument("--no-compiled", action="store_true", help="with --against: skip the compiled column")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.against:
+        from scripts.microsoft_dion import import_reference
+
+        import_reference(args.against)  # a bad path fails here, before any work
+        modes = MODES[:2] if args.no_compiled else MODES
+        dims = args.model_dims or [512, 768]
+        results, own = against(args.against, dims, args.n_layer, args.steps, args.warmup, device, modes)
+        report_against(results, own, modes, device)
+        return
     dtype = DTYPES[args.dtype] if args.dtype else default_ns_dtype(device)
     if args.model_dims:
         results = {}

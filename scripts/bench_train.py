@@ -34,7 +34,7 @@ import torch
 
 from models.gpt_model import GPTConfig
 from scripts.timing import synchronize
-from training.config import CHOICES, ConfigError, load_config
+from training.config import CHOICES, ConfigError, load_config_for
 from training.distributed import init_distributed
 from training.mesh import Layout
 from training.model_setup import build_model
@@ -78,7 +78,7 @@ def flops_per_token(model, cfg):
 
 def measure(argv, optimizer, steps, warmup, peak_override):
     """Run warmup + timed steps of one optimizer; return its measurements."""
-    cfg = load_config([*argv, "--optimizer", optimizer])
+    cfg = load_config_for(argv, optimizer)
     ctx = init_distributed(cfg.device)
     device = ctx.device
     model, forward = build_model(cfg, Layout(), None, ctx)
@@ -183,7 +183,8 @@ def parse_args(argv):
 def main(argv):
     args, names, config_argv = parse_args(argv)
     try:
-        load_config(config_argv)  # bad config input fails here, before any work
+        for name in names:  # bad config input fails here, before any work
+            load_config_for(config_argv, name)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     results = {}

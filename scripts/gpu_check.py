@@ -33,8 +33,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from optimizers.registry import OPTIMIZERS
+
 REPO = Path(__file__).resolve().parents[1]
-OPTIMIZERS = ("muon", "normuon", "dion", "dion2", "adamw")
 # A model small enough to check a path in seconds, with every kind of parameter.
 SMALL = ["--model_dim", "256", "--n_layer", "2", "--n_head", "4", "--sequence_length", "256"]
 SMALL += ["--batch_size", "8", "--device_batch_size", "8", "--lr", "0.02"]
@@ -97,14 +98,14 @@ def check_triton_device_guard(device):
 
 def training_parts(argv, optimizer="muon"):
     """(cfg, model, forward, optimizer, next_batch, autocast) of a one-process run on random tokens."""
-    from training.config import load_config
+    from training.config import load_config_for
     from training.distributed import init_distributed
     from training.mesh import Layout
     from training.model_setup import build_model
     from training.param_groups import build_optimizer, build_param_groups
     from training.precision import bf16_autocast
 
-    cfg = load_config([*argv, "--optimizer", optimizer, "--run_name", "gpu_check"])
+    cfg = load_config_for([*argv, "--run_name", "gpu_check"], optimizer)
     ctx = init_distributed(cfg.device)
     model, forward = build_model(cfg, Layout(), None, ctx)
     opt = build_optimizer(build_param_groups(model, cfg), cfg)

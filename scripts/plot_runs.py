@@ -24,22 +24,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import yaml
 
+from optimizers.registry import OPTIMIZER_KEYS, OPTIMIZERS, reads
+from training.config import RUN_KEYS
 from training.metrics import read_metrics
 
 # Keys that name a run rather than describe it.
 NOT_LABELS = ("run_name", "runs_dir", "resume", "wandb_project")
 # Keys that only some optimizers read; a label shows them only for those.
-OPTIMIZER_KEYS = {
-    "ortho_fraction": ("dion2", "dion"),
-    "selection": ("dion2",),
-    "selection_scope": ("dion2",),
-    "decay": ("dion2",),
-    "muon_beta2": ("normuon",),
-    "nesterov": ("muon", "normuon"),
-    "cautious_wd": ("muon", "normuon"),
-    "use_polar_express": ("muon", "normuon", "dion2"),
-    "adjust_lr": ("muon", "normuon", "dion2", "dion"),
-    "mu": ("muon", "normuon", "dion2", "dion"),
+READERS = {
+    key: tuple(name for name in OPTIMIZERS if reads(name, key))
+    for key in OPTIMIZER_KEYS
+    if key not in RUN_KEYS
 }
 DIAGNOSTICS = ("selection_coverage_mean", "selection_coverage_min", "selection_longest_wait")
 
@@ -74,9 +69,7 @@ def labels(configs):
     keys = [k for k in configs[0] if k not in NOT_LABELS and len({repr(c.get(k)) for c in configs}) > 1]
     out = []
     for config in configs:
-        shown = [
-            k for k in keys if config.get("optimizer") in OPTIMIZER_KEYS.get(k, (config.get("optimizer"),))
-        ]
+        shown = [k for k in keys if config.get("optimizer") in READERS.get(k, (config.get("optimizer"),))]
         out.append(", ".join(f"{k}={config.get(k)}" for k in shown) or config["run_name"])
     return out
 

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import yaml
 
 from training.checkpoint import list_checkpoints
-from training.config import ConfigError, load_config, to_dict
+from training.config import KEYS, ConfigError, foreign_keys, load_config, to_dict
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,10 +118,19 @@ def load_sweep(path, runs_root):
         if key in overrides or any(key in p for p in points):
             raise SweepError(f"{path}: {key} is set by the sweep itself and cannot be swept or overridden")
     runs_dir = _from_repo(Path(runs_root).resolve() / path.stem)
+    try:
+        base_cfg = load_config(["--config", str(REPO / base)])
+    except ConfigError as e:
+        raise SweepError(f"{path}: base {e}") from None
     runs = []
     for point in points:
         name = point_name(point) or path.stem
-        flags = [*_flags({**overrides, **point}), "--runs_dir", str(runs_dir), "--run_name", name]
+        values = {**overrides, **point}
+        # A point that swaps the base's optimizer leaves the base's keys of the old one at
+        # their defaults, where the new one does not read them (Muon in a Dion2 sweep).
+        optimizer = values.get("optimizer", base_cfg.optimizer)
+        resets = {k: KEYS[k].default for k in foreign_keys(base_cfg, optimizer) if k not in values}
+        flags = [*_flags({**overrides, **resets, **point}), "--runs_dir", str(runs_dir), "--run_name", name]
         try:
             cfg = load_config(["--config", str(REPO / base), *flags, "--resume", "auto"])
         except ConfigError as e:

@@ -11,10 +11,10 @@ from torch._dynamo.testing import CompileCounter
 
 import optimizers.compiled as compiled
 from models.gpt_model import GPT, GPTConfig
-from optimizers import Dion, Dion2, Muon, NorMuon
+from optimizers import Dion, Dion2, Muon, NorDion2, NorMuon
 from optimizers.newton_schulz import newton_schulz
 from tests.conftest import TINY, run_train
-from training.config import load_config
+from training.config import load_config_for
 from training.param_groups import build_optimizer, build_param_groups
 
 # Fourteen distinct matrix shapes: more than torch._dynamo.config.recompile_limit (8).
@@ -56,8 +56,11 @@ def train_steps(optimizer, params, steps, seed=1):
         optimizer.step()
 
 
-def selected_shapes(fraction):
-    """The distinct shapes Dion2 orthonormalizes: k slices of the longer side's length."""
+def selected_shapes(fraction, rows=False):
+    """The distinct shapes Dion2 orthonormalizes: k slices of the longer side's length (with
+    `rows`, as NorDion2: k rows of the row length)."""
+    if rows:
+        return {(math.ceil(fraction * m), n) for m, n in MANY_SHAPES}
     return {(math.ceil(fraction * min(s)), max(s)) for s in MANY_SHAPES}
 
 
@@ -67,10 +70,11 @@ def selected_shapes(fraction):
         # momentum, Newton-Schulz and update per shape
         (Muon, {}, 3 * len(MANY_SHAPES)),
         (NorMuon, {"nesterov": True}, 3 * len(MANY_SHAPES)),
-        # selection, gather and update per shape; Newton-Schulz per shape of the selection
+        # accumulation (and l1 norms), gather and update per shape; Newton-Schulz per shape of
+        # the selection. The choice itself (top-k or a random draw) is not compiled.
         (Dion2, {"fraction": 0.25}, 3 * len(MANY_SHAPES) + len(selected_shapes(0.25))),
-        # the random draw is not compiled
-        (Dion2, {"selection": "random"}, 2 * len(MANY_SHAPES) + len(selected_shapes(0.25))),
+        (Dion2, {"selection": "random"}, 3 * len(MANY_SHAPES) + len(selected_shapes(0.25))),
+        (NorDion2, {"fraction": 0.25}, 3 * len(MANY_SHAPES) + len(selected_shapes(0.25, rows=True))),
         # the update only: Cholesky's fallback to QR is a data-dependent branch
         (Dion, {}, len(MANY_SHAPES)),
     ],
@@ -120,7 +124,7 @@ def small_gpt_updates(optimizer, compile, ns_dtype, steps=3):
         for p in model.parameters():
             if p.ndim == 2 and not p.any():
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
-    cfg = load_config(["--optimizer", optimizer, "--lr", "0.02", "--ortho_fraction", "0.25"])
+    cfg = load_config_for(["--lr", "0.02", "--ortho_fraction", "0.25"], optimizer)
     cfg.compile = compile
     opt = build_optimizer(build_param_groups(model, cfg), cfg)
     for group in opt.param_groups:

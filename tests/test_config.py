@@ -74,9 +74,17 @@ def test_string_keys_keep_the_text():
         (["--run_name", "a/b"], "plain folder name"),
         (["--lr", "-1"], "lr must be >= 0"),
         (
+            ["--optimizer", "dion", "--adjust_lr", "rms_norm"],
+            "adjust_lr rms_norm is not read by optimizer dion \\(only by dion2, nordion2, muon, normuon\\); "
+            "leave it at its default spectral_norm",
+        ),
+        (["--optimizer", "muon", "--muon_beta2", "0.9"], "muon_beta2 0.9 is not read by optimizer muon"),
+        (["--optimizer", "nordion2", "--mu", "1.0"], "mu must lie in \\[0, 1\\), got 1.0"),
+        (["--optimizer", "dion", "--ortho_fraction", "0"], "ortho_fraction must lie in \\(0, 1\\], got 0.0"),
+        (["--selection", "top"], "selection must be one of l1, random, got 'top'"),
+        (
             ["--replicate_mesh_grad_sync", "true"],
-            "replicate_mesh_grad_sync needs optimizer dion, or dion2 with selection random "
-            "\\(got optimizer dion2, selection l1\\)",
+            "replicate_mesh_grad_sync with optimizer dion2 needs selection random \\(got selection l1\\)",
         ),
         (
             ["--replicate_mesh_grad_sync", "true", "--optimizer", "dion", "--grad_clip", "1"],
@@ -113,7 +121,7 @@ def test_shipped_configs_load():
     from tests.conftest import REPO
 
     shipped = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("paper/*.yaml"))
-    assert len(shipped) == 9
+    assert len(shipped) == 10
     for path in shipped:
         cfg = load_config(["--config", str(path)])
         assert isinstance(cfg, TrainConfig) and cfg.run_name == path.stem
@@ -140,7 +148,7 @@ def test_help_lists_every_key_with_its_type_default_and_meaning():
         assert f"--{name} (" in text
         assert field.metadata["meaning"].split()[0] in text
     assert "--lr (float, default 0.02)" in text
-    assert "--optimizer (str, default dion2; one of dion2, muon, normuon, dion, adamw)" in text
+    assert "--optimizer (str, default dion2; one of dion2, nordion2, muon, normuon, dion, adamw)" in text
     assert "--max_skipped_steps (int, default 0)" in text
 
 

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
+from optimizers import AdamWLion, Dion, Dion2, Muon, NorDion2, NorMuon
 from tests.conftest import gloo
 
 # Five matrices of one shape (an uneven split over 2 or 3 ranks), two of another, a batch of
@@ -22,6 +22,8 @@ CASES = {
     "dion2_l1_quarter": (Dion2, {"fraction": 0.25}),
     "dion2_l1_full": (Dion2, {"fraction": 1.0}),
     "dion2_random": (Dion2, {"fraction": 0.5, "selection": "random"}),
+    "nordion2_l1_quarter": (NorDion2, {"fraction": 0.25}),
+    "nordion2_random": (NorDion2, {"fraction": 0.5, "selection": "random"}),
     "adamw_only": (AdamWLion, {}),
 }
 STEPS = 3
@@ -84,10 +86,10 @@ def test_replicated_step_equals_single_process(distributed_results, name):
     single = run_case(name)
     for rank in range(world_size):
         result = results[(name, rank)]
-        # The same batched kernels on a sub-stack give bit-equal results. NorMuon's row means
-        # reduce over the gathered (contiguous) stack instead of a transposed view, so its
-        # sums run in another order: equal to fp32 rounding.
-        atol = 1e-6 if name == "normuon" else 0
+        # The same batched kernels on a sub-stack give bit-equal results. The row means of
+        # NorMuon and NorDion2 reduce over the gathered (contiguous) stack instead of a
+        # transposed view, so their sums may run in another order: equal to fp32 rounding.
+        atol = 1e-6 if name.startswith("nor") else 0
         assert_same(result["params"], single["params"], atol=atol)
         assert_same(result["state"], single["state"], atol=atol)
 
@@ -145,17 +147,19 @@ SHARDED_CASES = {
     "dion2_global_random": (Dion2, {"selection_scope": "global", "selection": "random"}),
     "dion2_local_l1": (Dion2, {"selection_scope": "local"}),
     "dion2_local_l1_full_decay": (Dion2, {"selection_scope": "local", "decay": "full"}),
+    "nordion2_global_l1": (NorDion2, {"selection_scope": "global"}),
+    "nordion2_global_random": (NorDion2, {"selection_scope": "global", "selection": "random"}),
+    "nordion2_local_l1": (NorDion2, {"selection_scope": "local"}),
     "dion": (Dion, {"rank_fraction": 0.5}),
 }
-DION2_SETTINGS = {"fraction": 0.3, "ef_decay": 0.9}
+DION2_SETTINGS = {Dion2: {"fraction": 0.3, "ef_decay": 0.9}, NorDion2: {"fraction": 0.3, "mu": 0.9}}
 
 
 def run_sharded(name, layout=None, mesh=None):
     """STEPS steps of a case on SHARDED_SHAPES, sharded as `layout` says over `mesh` (whole
     matrices in one process). Returns full weights and momenta, and what the test needs."""
     cls, kwargs = SHARDED_CASES[name]
-    if cls is Dion2:
-        kwargs = {**DION2_SETTINGS, **kwargs}
+    kwargs = {**DION2_SETTINGS.get(cls, {}), **kwargs}
     gen = torch.Generator().manual_seed(1)
     fulls = [torch.randn(s, generator=gen) for s in SHARDED_SHAPES]
     grads = [[torch.randn(s, generator=gen) for s in SHARDED_SHAPES] for _ in range(STEPS)]
@@ -171,7 +175,7 @@ def run_sharded(name, layout=None, mesh=None):
     else:
         # Replicas that only split the work: the gradients are already synchronized.
         replicas = {"replicate_mesh": REPLICAS[layout](mesh)} if layout in REPLICAS else {}
-        if replicas and cls is Dion2:
+        if replicas and issubclass(cls, Dion2):
             replicas["replicate_mesh_grad_sync"] = False
         opt = cls(params, lr=0.02, distributed_mesh=optimizer_mesh, **replicas, **kwargs)
     for step_grads in grads:
@@ -183,9 +187,15 @@ def run_sharded(name, layout=None, mesh=None):
         "grads": grads,
         "params": [full(p) for p in params],
         "momentum": [full(opt.state[p]["momentum"]) for p in params],
-        "stats": opt.selection_stats() if cls is Dion2 else None,
+        "stats": opt.selection_stats() if issubclass(cls, Dion2) else None,
+        "moments": [full_moment(opt.state[p]) for p in params],
         "comm_bytes": opt.comm_bytes(),
     }
+
+
+def full_moment(state):
+    """A NorMuon or NorDion2 state's per-row second moment (replicated), else None."""
+    return state.get("row_second_moment")
 
 
 def layout_worker(rank, world_size, init_file, out_dir, layout):
@@ -218,32 +228,39 @@ def sharded_results(request, tmp_path_factory):
     return layout, results
 
 
-def slice_ranges(layout, i, shape):
+def slice_ranges(layout, i, shape, rows):
     """The slice ranges that select on their own under the local scope: the shards of the
-    shorter side (one range when that side is not split)."""
+    shorter side, or of the rows with `rows` (one range when that side is not split)."""
     world, mesh_shape, _, placements, _ = LAYOUTS[layout]
-    dim = 0 if shape[0] <= shape[1] else 1
+    dim = 0 if rows or shape[0] <= shape[1] else 1
     parts = math.prod(size for size, pl in zip(mesh_shape, placements(i), strict=True) if pl == Shard(dim))
     chunk = -(-shape[dim] // parts)
     return [(lo, min(lo + chunk, shape[dim])) for lo in range(0, shape[dim], chunk)]
 
 
-def local_scope_reference(result, layout, decay):
+def local_scope_reference(result, layout, decay, nordion2):
     """The local rule in float64: each slice range picks its top ceil(0.3 x its size) slices
-    by l1 norm over the whole slice; the union is orthonormalized as one matrix."""
-    from tests.test_optimizers import ref_dion2
+    by l1 norm over the whole slice; the union is orthonormalized as one matrix (NorDion2: on
+    the rows, then normalized per row)."""
+    from tests.test_optimizers import ref_dion2, ref_nordion2
 
     params = []
     for i, shape in enumerate(SHARDED_SHAPES):
         w, m = result["fulls"][i].double(), torch.zeros(shape, dtype=torch.float64)
+        v = torch.zeros(shape[0], dtype=torch.float64)
+        rows_are_slices = nordion2 or shape[0] <= shape[1]
         for step_grads in result["grads"]:
             g = step_grads[i].double()
-            acc = (m + g) if shape[0] <= shape[1] else (m + g).T
+            acc = (m + g) if rows_are_slices else (m + g).T
             picks = []
-            for lo, hi in slice_ranges(layout, i, shape):
+            for lo, hi in slice_ranges(layout, i, shape, nordion2):
                 k = -(-3 * (hi - lo) // 10)
                 picks += (acc[lo:hi].abs().sum(dim=1).topk(k).indices + lo).tolist()
-            w, m = ref_dion2(w, g, m, 0.02, 0.3, 0.9, 0.01, rows=torch.tensor(sorted(picks)), decay=decay)
+            rows = torch.tensor(sorted(picks))
+            if nordion2:
+                w, m, v = ref_nordion2(w, g, m, v, 0.02, 0.3, 0.9, 0.01, 0.95, 1e-8, rows=rows, decay=decay)
+            else:
+                w, m = ref_dion2(w, g, m, 0.02, 0.3, 0.9, 0.01, rows=rows, decay=decay)
         params.append(w)
     return params
 
@@ -270,7 +287,8 @@ def test_sharded_step_equals_single_process(sharded_results, name):
         assert result["stats"] == results[(name, 0)]["stats"]  # the diagnostics agree on every rank
         if "local" in name:
             decay = "full" if "full" in name else "selective"
-            for got, want in zip(result["params"], local_scope_reference(result, layout, decay), strict=True):
+            reference = local_scope_reference(result, layout, decay, name.startswith("nordion2"))
+            for got, want in zip(result["params"], reference, strict=True):
                 torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
         else:
             # Whole matrices are assembled bit for bit; only l1 norms, NorMuon's row sums and
@@ -278,6 +296,7 @@ def test_sharded_step_equals_single_process(sharded_results, name):
             single = run_sharded(name)
             assert_same(result["params"], single["params"], atol=1e-6)
             assert_same(result["momentum"], single["momentum"], atol=1e-6)
+            assert_same(result["moments"], single["moments"], atol=1e-6)
             assert result["stats"] == single["stats"]
 
 
@@ -286,6 +305,7 @@ def test_sharded_step_equals_single_process(sharded_results, name):
 # stepping on the replicas' mean gradient.
 COMPRESSED_CASES = {
     "dion2_random": (Dion2, {"fraction": 0.5, "selection": "random"}),
+    "nordion2_random": (NorDion2, {"fraction": 0.5, "selection": "random"}),
     "dion": (Dion, {"rank_fraction": 0.5}),
 }
 
@@ -300,7 +320,7 @@ def run_compressed(name, rank=None, world_size=1):
         [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(world_size)] for _ in range(STEPS)
     ]
     mesh = {"replicate_mesh": dist.group.WORLD} if rank is not None else {}
-    if cls is Dion2 and rank is not None:
+    if issubclass(cls, Dion2) and rank is not None:
         mesh["distributed_mesh"] = dist.group.WORLD
     opt = cls(params, lr=0.02, **mesh, **kwargs)
     for replica_grads in grads:

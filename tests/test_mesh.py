@@ -73,34 +73,54 @@ def assert_close_losses(records, reference):
                 assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
 
 
-# Global scope makes Dion2 the single-process rule on every layout (local scope is its own
-# rule, checked against a reference in test_distributed_optimizers).
-DION2 = {"optimizer": "dion2", "selection_scope": "global", "lr": 0.02, "scalar_lr": 0.01}
+# Global scope makes Dion2 and NorDion2 the single-process rule on every layout (local scope is
+# its own rule, checked against a reference in test_distributed_optimizers).
+ORTHONORMAL = {"lr": 0.02, "scalar_lr": 0.01}
+SELECTING = ("dion2", "nordion2")
+
+
+def options(optimizer):
+    """The run settings of `optimizer` on the layouts."""
+    if optimizer == "adamw":
+        return {}
+    if optimizer in SELECTING:
+        return {**ORTHONORMAL, "optimizer": optimizer, "selection_scope": "global"}
+    return {**ORTHONORMAL, "optimizer": optimizer}
+
+
+LAYOUTS = {
+    "ddp2": (2, ["--dp_size", "2"]),
+    "fsdp2": (2, ["--fs_size", "2"]),
+    "tp2": (2, ["--tp_size", "2"]),
+    "hsdp2x2": (4, ["--dp_size", "2", "--fs_size", "2"]),
+    "fsdp2xtp2": (4, ["--fs_size", "2", "--tp_size", "2"]),
+}
 LAYOUT_RUNS = {
-    "ddp2-dion2": (2, ["--dp_size", "2"], DION2),
-    "fsdp2-dion2": (2, ["--fs_size", "2"], DION2),
-    "tp2-dion2": (2, ["--tp_size", "2"], DION2),
-    "hsdp2x2-dion2": (4, ["--dp_size", "2", "--fs_size", "2"], DION2),
-    "hsdp2x2-adamw": (4, ["--dp_size", "2", "--fs_size", "2"], {}),
     **{
-        f"fsdp2xtp2-{optimizer}": (
-            4,
-            ["--fs_size", "2", "--tp_size", "2"],
-            {**DION2, "optimizer": optimizer} if optimizer != "adamw" else {},
-        )
-        for optimizer in ("dion2", "muon", "normuon", "dion", "adamw")
+        f"{layout}-{optimizer}": (*LAYOUTS[layout], options(optimizer))
+        for optimizer in SELECTING
+        for layout in LAYOUTS
     },
-    # Compressed sync: replicas average only the selected rows (Dion2, random selection) or
-    # the low-rank factors (Dion); equal to the synchronized run up to float reordering.
-    "ddp2-dion2-compressed": (
-        2,
-        ["--dp_size", "2", "--replicate_mesh_grad_sync", "true"],
-        {**DION2, "selection": "random"},
-    ),
+    "hsdp2x2-adamw": (*LAYOUTS["hsdp2x2"], {}),
+    **{
+        f"fsdp2xtp2-{optimizer}": (*LAYOUTS["fsdp2xtp2"], options(optimizer))
+        for optimizer in ("muon", "normuon", "dion", "adamw")
+    },
+    # Compressed sync: replicas average only the selected rows (Dion2 and NorDion2, random
+    # selection) or the low-rank factors (Dion); equal to the synchronized run up to float
+    # reordering.
+    **{
+        f"ddp2-{optimizer}-compressed": (
+            2,
+            ["--dp_size", "2", "--replicate_mesh_grad_sync", "true"],
+            {**options(optimizer), "selection": "random"},
+        )
+        for optimizer in SELECTING
+    },
     "hsdp2x2-dion-compressed": (
         4,
         ["--dp_size", "2", "--fs_size", "2", "--replicate_mesh_grad_sync", "true"],
-        {**DION2, "optimizer": "dion"},
+        options("dion"),
     ),
 }
 
@@ -110,8 +130,8 @@ LAYOUT_RUNS = {
 def test_layout_matches_one_process(tmp_path, run):
     from tests.conftest import run_train, train_argv
 
-    nproc, layout, options = LAYOUT_RUNS[run]
-    settings = {"num_iterations": 10, "device_batch_size": 2, "val_loss_every": 5, **options}
+    nproc, layout, run_options = LAYOUT_RUNS[run]
+    settings = {"num_iterations": 10, "device_batch_size": 2, "val_loss_every": 5, **run_options}
     single = run_train(tmp_path, "single", **settings)
     argv = train_argv(tmp_path, "sharded", sample_tokens=4, **settings)
     result = torchrun(nproc, [*argv, *layout])
@@ -128,7 +148,7 @@ def test_resume_across_layouts(tmp_path):
     and in one process."""
     from tests.conftest import run_train, train_argv
 
-    settings = {"num_iterations": 8, "checkpoint_every": 4, "keep_checkpoints": 5, **DION2}
+    settings = {"num_iterations": 8, "checkpoint_every": 4, "keep_checkpoints": 5, **options("dion2")}
     reference = run_train(tmp_path, "reference", **settings)
     result = torchrun(4, [*train_argv(tmp_path, "fsdp", **settings), "--fs_size", "2", "--tp_size", "2"])
     saved = tmp_path / "fsdp" / "checkpoints" / "step_000004"

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
+from optimizers import AdamWLion, Dion, Dion2, Dion3, Muon, NorDion2, NorMuon
 from optimizers.dion import orthonormalize_columns
 from optimizers.dion2 import num_selected
 from optimizers.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, QUINTIC, gram, newton_schulz
@@ -74,6 +74,21 @@ def ref_normuon(w, g, m, v, lr, mu, wd, beta2, eps):
     o2 = o / (v.sqrt()[:, None] + eps)
     o2 = o2 * o.norm() / (o2.norm() + eps)
     return w * (1 - lr * wd) - lr * ref_scale(w.shape) * o2, m, v
+
+
+def ref_nordion2(w, g, m, v, lr, fraction, mu, wd, beta2, eps, rows=None, decay="selective"):
+    """NorDion2: Dion2 on the rows whatever the shape, then NorMuon's normalization of the
+    selected rows with their own second moments. `rows` forces the selection."""
+    m = m + g
+    if rows is None:
+        rows = m.abs().sum(dim=1).topk(math.ceil(fraction * w.shape[0])).indices.sort().values
+    o = ref_newton_schulz(m[rows])
+    v = v.index_copy(0, rows, beta2 * v[rows] + (1 - beta2) * (o**2).mean(dim=1))
+    o2 = o / (v[rows].sqrt()[:, None] + eps)
+    o2 = o2 * o.norm() / (o2.norm() + eps)
+    m = m * mu if decay == "full" else m.index_copy(0, rows, m[rows] * mu)
+    w = (w * (1 - lr * wd)).index_add(0, rows, -lr * ref_scale(w.shape) * o2)
+    return w, m, v
 
 
 def ref_dion(w, g, m, q, lr, mu, wd):
@@ -318,6 +333,39 @@ def test_normuon_matches_reference_and_keeps_the_frobenius_norm(shape):
     assert update.norm().item() == pytest.approx(newton_schulz(momentum).norm().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (16, 16), (3, 20, 12)])
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("decay", ["selective", "full"])
+def test_nordion2_matches_reference(shape, fraction, decay):
+    kwargs = {"lr": 0.05, "fraction": fraction, "mu": 0.9, "weight_decay": 0.1, "muon_beta2": 0.8}
+    start, grads, p, opt = run_steps(NorDion2, shape, steps=4, decay=decay, **kwargs)
+    state = opt.state[p]
+    for i in range(len(matrices(start))):
+        w, m = matrices(start)[i].double(), torch.zeros(shape[-2:], dtype=torch.float64)
+        v = torch.zeros(shape[-2], dtype=torch.float64)
+        for g in grads:
+            w, m, v = ref_nordion2(
+                w, matrices(g)[i].double(), m, v, 0.05, fraction, 0.9, 0.1, 0.8, 1e-8, decay=decay
+            )
+        torch.testing.assert_close(matrices(p)[i].double(), w, atol=1e-5, rtol=0)
+        torch.testing.assert_close(matrices(state["momentum"])[i].double(), m, atol=1e-5, rtol=0)
+        torch.testing.assert_close(state["row_second_moment"][i].double(), v, atol=1e-7, rtol=1e-4)
+
+
+def test_nordion2_random_selection_matches_reference_on_its_rows():
+    start, grads, p, opt = run_steps(NorDion2, (12, 30), steps=3, fraction=0.25, selection="random", mu=0.9)
+    w, m, v = start.double(), torch.zeros(12, 30, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)
+    for step, g in enumerate(grads, start=1):
+        rows = torch.randperm(12, generator=opt._generator(opt.param_groups[0], p, step))[:3].sort().values
+        w, m, v = ref_nordion2(w, g.double(), m, v, 0.01, 0.25, 0.9, 0.01, 0.95, 1e-8, rows=rows)
+    torch.testing.assert_close(p.double(), w, atol=1e-5, rtol=0)
+
+
+def test_dion3_is_nordion2():
+    assert Dion3 is NorDion2
+    assert NorDion2([torch.zeros(4, 4)]).param_groups[0]["algorithm"] == "nordion2"
+
+
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (16, 16)])
 @pytest.mark.parametrize("rank_fraction", [1.0, 0.25])
 def test_dion_matches_reference(shape, rank_fraction):
@@ -419,6 +467,7 @@ ALL = [
     (NorMuon, {}),
     (Dion2, {"fraction": 0.5}),
     (Dion2, {"fraction": 0.25, "selection": "random"}),
+    (NorDion2, {"fraction": 0.5}),
     (Dion, {"rank_fraction": 0.5}),
 ]
 
@@ -467,9 +516,11 @@ def test_parameters_without_grad_are_untouched(cls, kwargs):
     [
         (lambda p: Dion2([p], fraction=0.0), r"fraction must lie in \(0, 1\], got 0.0"),
         (lambda p: Dion2([p], fraction=1.5), r"fraction must lie in \(0, 1\], got 1.5"),
-        (lambda p: Dion2([p], selection="top"), "unknown selection 'top'"),
-        (lambda p: Dion2([p], decay="half"), "unknown decay 'half'"),
-        (lambda p: Muon([p], adjust_lr="fan_in"), "unknown adjust_lr 'fan_in'"),
+        (lambda p: Dion2([p], selection="top"), "selection must be one of l1, random, got 'top'"),
+        (lambda p: Dion2([p], decay="half"), "decay must be one of selective, full, got 'half'"),
+        (lambda p: Muon([p], adjust_lr="fan_in"), "adjust_lr must be one of spectral_norm, rms_norm, null"),
+        (lambda p: NorDion2([p], mu=1.0), r"mu must lie in \[0, 1\), got 1.0"),
+        (lambda p: NorDion2([p], muon_beta2=-0.1), r"muon_beta2 must lie in \[0, 1\)"),
         (
             lambda p: Muon([{"params": [p], "algorithm": "sgd"}]),
             "unknown algorithm 'sgd'; Muon takes muon, adamw",
@@ -496,7 +547,7 @@ def test_cholesky_qr_is_orthonormal_on_an_ill_conditioned_matrix():
     # condition number of 1e6, where plain Cholesky-QR's Gram matrix is not positive definite
     # in fp32, it still gives the Q of the QR.
     gen = torch.Generator().manual_seed(0)
-    u, v = torch.linalg.qr(torch.randn(64, 16, generator=gen)).Q, torch.linalg.qr(torch.randn(16, 16)).Q
+    u, v = torch.linalg.qr(torch.randn(64, 16, generator=gen)).Q, torch.linalg.qr(torch.randn(16, 16, generator=gen)).Q
     p = (u * torch.logspace(0, -6, 16)) @ v.T
     assert torch.linalg.cholesky_ex(p.T @ p).info > 0
     basis = orthonormalize_columns(p[None], "cholesky_qr")[0]

@@ -80,7 +80,7 @@ def test_bench_train_compares_optimizers_on_cpu():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--optimizer", "muon,sgd"], "--optimizer 'muon,sgd': unknown sgd; allowed: dion2, muon"),
+        (["--optimizer", "muon,sgd"], "--optimizer 'muon,sgd': unknown sgd; allowed: dion2, nordion2, muon"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--n_layers", "2"], "error: command line: unknown key '--n_layers'; did you mean 'n_layer'?"),
     ],
@@ -143,3 +143,49 @@ def test_gpu_check_lists_its_checks_and_without_cuda_says_so_in_one_line():
         unknown.returncode == 2
         and "--only: unknown check 'fsdp'; the checks: triton products" in unknown.stderr
     )
+
+
+# A stand-in for microsoft/dion's package, so that the comparison scripts' plumbing is tested
+# without it: our own classes under its names, taking (and ignoring) its newton_schulz_func.
+FAKE_DION = """
+from optimizers import Dion2 as _Dion2, Dion3 as _Dion3, Muon as _Muon, NorDion2 as _NorDion2
+from optimizers import NorMuon as _NorMuon
+
+
+def _theirs(cls):
+    class Theirs(cls):
+        def __init__(self, params, newton_schulz_func=None, **kwargs):
+            super().__init__(params, **kwargs)
+
+    return Theirs
+
+
+Muon, NorMuon, Dion2, NorDion2, Dion3 = map(_theirs, (_Muon, _NorMuon, _Dion2, _NorDion2, _Dion3))
+"""
+
+
+@pytest.fixture
+def fake_dion(tmp_path):
+    (tmp_path / "checkout" / "dion").mkdir(parents=True)
+    (tmp_path / "checkout" / "dion" / "__init__.py").write_text(FAKE_DION)
+    return tmp_path / "checkout"
+
+
+def test_bench_optimizer_against_a_reference_prints_every_pair_and_ratio(fake_dion, capsys):
+    argv = ["--against", str(fake_dion), "--model_dims", "16", "--n_layer", "1", "--steps", "1"]
+    bench_optimizer([*argv, "--warmup", "1", "--no-compiled"])
+    out = capsys.readouterr().out
+    for name in ("muon", "normuon", "dion2", "nordion2"):
+        assert re.search(rf"^\s+16 {name}\s+(\s+[\d.]+\s+[\d.]+\s+[\d.]+x){{2}}$", out, flags=re.M), name
+    assert re.search(r"muon step / its NS matmuls [\d.]+ \(target <= 1.3\), dion2 0.25 / muon [\d.]+", out)
+
+
+def test_compare_reference_passes_on_the_same_rules_and_refuses_a_bad_path(fake_dion, capsys, tmp_path):
+    from scripts.compare_reference import main
+
+    main(["--against", str(fake_dion / "dion")])
+    out = capsys.readouterr().out
+    assert re.search(r"^nordion2\s+0.25 tall\s+1.000000$", out, flags=re.M)
+    assert "lowest cosine 1.000000" in out
+    with pytest.raises(SystemExit, match="neither a checkout of microsoft/dion"):
+        main(["--against", str(tmp_path)])

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from optimizers.registry import OPTIMIZERS
 from tests.conftest import REPO, make_shards, run_train, torchrun, train_argv
 from training.checkpoint import list_checkpoints, load_checkpoint
 
@@ -31,7 +32,7 @@ def test_loss_falls_on_the_embedded_data(tmp_path):
 ORTHONORMAL = {"lr": 0.02, "scalar_lr": 0.01}
 
 
-@pytest.mark.parametrize("optimizer", ["dion2", "muon", "normuon", "dion", "adamw"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("scalar_opt", ["adamw", "lion"])
 def test_every_optimizer_lowers_the_loss(tmp_path, optimizer, scalar_opt):
     settings = ORTHONORMAL if optimizer != "adamw" else {}

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from optimizers.dion2 import DECAYS, SCOPES, SELECTIONS
-from optimizers.matrix_optimizer import ADJUST_LR
+from optimizers.hyperparameters import CHOICES as HYPERPARAMETER_CHOICES
+from optimizers.hyperparameters import choice_text
+from optimizers.registry import OPTIMIZER_KEYS, OPTIMIZERS, check_values, reads
 from optimizers.scalar import SCALAR_ALGORITHMS
 from training.exit_codes import ExitCode
 from training.preemption import SIGNALS, parse_signals
@@ -51,9 +52,7 @@ class TrainConfig:
     device_batch_size: int = key(32, "sequences per micro-batch on one rank")
     num_iterations: int = key(3000, "optimizer steps")
     # optimizer and schedule
-    optimizer: str = key(
-        "dion2", "the hidden matrices' algorithm: `dion2`, `muon`, `normuon`, `dion` or `adamw`"
-    )
+    optimizer: str = key("dion2", "the hidden matrices' algorithm")
     scalar_opt: str = key(
         "adamw", "the algorithm of the norm gains, the embedding and the lm_head: `adamw` or `lion`"
     )
@@ -63,18 +62,23 @@ class TrainConfig:
         None, "factor on the lm_head's lr; null = 1/sqrt(`model_dim`) with Lion, 1 with AdamW"
     )
     weight_decay: float = key(0.01, "decoupled weight decay (none on the embedding)")
-    mu: float = key(0.95, "momentum of Muon, NorMuon and Dion; Dion2's error-feedback decay (`ef_decay`)")
+    mu: float = key(
+        0.95,
+        "momentum of Muon, NorMuon and Dion; the error-feedback decay of Dion2 (`ef_decay`) and NorDion2",
+    )
     ortho_fraction: float = key(
-        0.5, "Dion2's fraction of rows or columns (`fraction`); Dion's `rank_fraction`"
+        0.5, "the fraction of rows or columns of Dion2 and NorDion2 (`fraction`); Dion's `rank_fraction`"
     )
     selection: str = key(
-        "l1", "Dion2: the rows with the largest l1 norm, or `random` ones (seeded by `seed`)"
+        "l1", "Dion2, NorDion2: the rows with the largest l1 norm, or `random` ones (seeded by `seed`)"
     )
     selection_scope: str = key(
-        "local", "Dion2 under sharding: select per shard (`local`) or over the whole matrix (`global`)"
+        "local",
+        "Dion2, NorDion2 under sharding: select per shard (`local`) or over the whole matrix (`global`)",
     )
     decay: str = key(
-        "selective", "Dion2: decay only the selected momentum rows, or `full` (the paper's ablation)"
+        "selective",
+        "Dion2, NorDion2: decay only the selected momentum rows, or `full` (the paper's ablation)",
     )
     adjust_lr: str | None = key(
         "spectral_norm", "the lr scale of a matrix update: `spectral_norm`, `rms_norm` or `null`"
@@ -84,11 +88,13 @@ class TrainConfig:
     use_polar_express: bool = key(
         True, "Newton-Schulz with Polar Express coefficients, or the classic quintic"
     )
-    muon_beta2: float = key(0.95, "NorMuon's per-neuron second-moment decay")
-    diagnostics_every: int = key(10, "log Dion2's selection diagnostics every N steps; 0 = never")
+    muon_beta2: float = key(0.95, "the per-neuron second-moment decay of NorMuon and NorDion2")
+    diagnostics_every: int = key(
+        10, "log the selection diagnostics of Dion2 and NorDion2 every N steps; 0 = never"
+    )
     replicate_mesh_grad_sync: bool = key(
         False,
-        "compressed data-parallel sync: the dp replicas average only Dion2's selected rows "
+        "compressed data-parallel sync: the dp replicas average only the selected rows of Dion2 or NorDion2 "
         "(`selection: random`) or Dion's low-rank factors, not the matrices' gradients; needs "
         "`grad_clip: 0`",
     )
@@ -143,7 +149,7 @@ class TrainConfig:
         "first steps",
     )
     use_triton: bool = key(
-        False, "Muon, NorMuon, Dion2: Newton-Schulz's symmetric products in the Triton kernels (CUDA)"
+        False, "Newton-Schulz's symmetric products in the Triton kernels (CUDA; every optimizer but Dion)"
     )
     device: str = key(
         "auto",
@@ -155,15 +161,20 @@ class TrainConfig:
 
 KEYS = {f.name: f for f in fields(TrainConfig)}
 PRECISIONS = ("auto", "bf16", "fp32")
+# The keys with a list of allowed values: the run's own, and the optimizers' (by the argument each feeds).
 CHOICES = {
-    "optimizer": ("dion2", "muon", "normuon", "dion", "adamw"),
+    "optimizer": tuple(OPTIMIZERS),
     "scalar_opt": SCALAR_ALGORITHMS,
-    "selection": SELECTIONS,
-    "selection_scope": SCOPES,
-    "decay": DECAYS,
-    "adjust_lr": ADJUST_LR,
     "precision": PRECISIONS,
+    **{
+        key: HYPERPARAMETER_CHOICES[argument]
+        for spec in OPTIMIZERS.values()
+        for key, argument in spec.arguments.items()
+        if argument in HYPERPARAMETER_CHOICES
+    },
 }
+# Optimizer keys that the run reads itself too: never foreign to an optimizer.
+RUN_KEYS = ("seed", "compile")
 
 
 # Names other training repositories use for our keys, so a suggestion can point across.
@@ -276,8 +287,6 @@ def validate(cfg):
         "max_skipped_steps",
         "sample_tokens",
         "seed",
-        "lr",
-        "weight_decay",
         "grad_clip",
         "diagnostics_every",
     ):
@@ -298,23 +307,29 @@ def validate(cfg):
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be a multiple of device_batch_size {cfg.device_batch_size}"
         )
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            names = ", ".join("null" if a is None else a for a in allowed)
-            raise ConfigError(f"{key} must be one of {names}, got '{getattr(cfg, key)}'")
-    if not 0 < cfg.ortho_fraction <= 1:
-        raise ConfigError(f"ortho_fraction must lie in (0, 1], got {cfg.ortho_fraction}")
-    for key in ("mu", "muon_beta2"):
-        if not 0 <= getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must lie in [0, 1), got {getattr(cfg, key)}")
+    for key in ("optimizer", "scalar_opt", "precision"):
+        if getattr(cfg, key) not in CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {choice_text(CHOICES[key])}, got '{getattr(cfg, key)}'")
+    foreign = foreign_keys(cfg)
+    if foreign:
+        key = foreign[0]
+        readers = [name for name in OPTIMIZERS if reads(name, key)]
+        raise ConfigError(
+            f"{key} {shown_value(getattr(cfg, key))} is not read by optimizer {cfg.optimizer} (only by "
+            f"{', '.join(readers)}); leave it at its default {shown_value(KEYS[key].default)}"
+        )
+    try:
+        check_values(cfg.optimizer, to_dict(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for key in ("scalar_lr", "lm_head_lr_scale"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0 or null, got {getattr(cfg, key)}")
     if cfg.replicate_mesh_grad_sync:
-        if not (cfg.optimizer == "dion" or (cfg.optimizer == "dion2" and cfg.selection == "random")):
+        if reads(cfg.optimizer, "selection") and cfg.selection != "random":
             raise ConfigError(
-                "replicate_mesh_grad_sync needs optimizer dion, or dion2 with selection random "
-                f"(got optimizer {cfg.optimizer}, selection {cfg.selection}): l1 needs the full momentum"
+                f"replicate_mesh_grad_sync with optimizer {cfg.optimizer} needs selection random (got "
+                f"selection {cfg.selection}): l1 needs the full momentum"
             )
         if cfg.grad_clip:
             raise ConfigError(
@@ -327,6 +342,17 @@ def validate(cfg):
         raise ConfigError(str(e)) from None
     if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name.startswith(".")):
         raise ConfigError(f"run_name must be a plain folder name, got '{cfg.run_name}'")
+
+
+def foreign_keys(cfg, optimizer=None):
+    """The optimizer keys set away from their defaults that `optimizer` (default: the config's)
+    does not read: a value that would silently change nothing."""
+    optimizer = optimizer or cfg.optimizer
+    return [
+        key
+        for key in OPTIMIZER_KEYS
+        if key not in RUN_KEYS and not reads(optimizer, key) and getattr(cfg, key) != KEYS[key].default
+    ]
 
 
 def load_config(argv):
@@ -351,6 +377,16 @@ def load_config(argv):
     return cfg
 
 
+def load_config_for(argv, optimizer):
+    """The config of `argv` with `optimizer` in place of its own, and the keys that `optimizer`
+    does not read back at their defaults: one config compared across optimizers."""
+    cfg = load_config(argv)
+    resets = {key: KEYS[key].default for key in foreign_keys(cfg, optimizer)}
+    cfg = dataclasses.replace(cfg, optimizer=optimizer, **resets)
+    validate(cfg)
+    return cfg
+
+
 USAGE = "usage: python train.py --config FILE [--key value ...]; python train.py --help lists every key"
 
 
@@ -369,7 +405,7 @@ def help_text():
         "",
     ]
     for name, field in KEYS.items():
-        choices = f"; one of {', '.join(shown_value(c) for c in CHOICES[name])}" if name in CHOICES else ""
+        choices = f"; one of {choice_text(CHOICES[name])}" if name in CHOICES else ""
         lines.append(
             f"--{name} ({_type_names(_allowed_types(name))}, default {shown_value(field.default)}{choices})"
         )

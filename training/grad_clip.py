@@ -5,7 +5,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from optimizers.matrix_optimizer import distinct_shards, local_tensor
+from optimizers.sharding import distinct_shards, local_tensor
 
 
 def clip_grad_norm(params, max_norm):

@@ -2,8 +2,12 @@
 
 import math
 
+import torch
+
 from models.gpt_model import ROLES
-from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
+from optimizers import Dion2, registry
+from optimizers.matrix_optimizer import default_ns_dtype
+from training.config import to_dict
 
 
 class ParamGroupError(ValueError):
@@ -79,79 +83,36 @@ def check_param_groups(model, groups, matrix_algorithm):
         raise ParamGroupError(f"parameters in no optimizer group: {', '.join(missing)}")
 
 
-def describe_param_groups(groups):
-    """One line per group: role, algorithm, tensor count, parameter count, lr and weight decay."""
-    return [
-        f"{g['role']:>9}: {g['algorithm']:>7}, {len(g['params']):3d} tensors, "
+def describe_param_groups(groups, device=None):
+    """One line per group: role, algorithm, tensor count, parameter count, lr and weight decay;
+    and, when a group orthonormalizes by Newton-Schulz on `device`, the dtype it runs in."""
+    lines = [
+        f"{g['role']:>9}: {g['algorithm']:>8}, {len(g['params']):3d} tensors, "
         f"{sum(p.numel() for p in g['params']):>12,} params, lr {g['base_lr']:g}, "
         f"weight_decay {g['weight_decay']:g}"
         for g in groups
     ]
+    if device is not None and any(registry.uses_newton_schulz(g["algorithm"]) for g in groups):
+        dtype = default_ns_dtype(device)
+        why = "it has native bf16" if dtype == torch.bfloat16 else "it has no native bf16"
+        lines.append(f"Newton-Schulz in {str(dtype).removeprefix('torch.')} on {device} ({why})")
+    return lines
 
 
 def build_optimizer(groups, cfg, meshes=None):
     """The optimizer of `cfg.optimizer` over `groups`, with the config's hyperparameters.
 
     `meshes` (from training.mesh.optimizer_meshes; none in one process) maps the optimizers'
-    mesh arguments to their meshes: Muon, NorMuon and Dion2 split or exchange their work over
-    distributed_mesh; Dion works over outer_shard_mesh and inner_shard_mesh; compressed sync
-    runs over replicate_mesh.
+    mesh arguments to their meshes: Muon, NorMuon, Dion2 and NorDion2 split or exchange their
+    work over distributed_mesh; Dion works over outer_shard_mesh and inner_shard_mesh;
+    compressed sync runs over replicate_mesh.
     """
-    meshes = meshes or {}
-    distributed_mesh = meshes.get("distributed_mesh")
-    common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    orthonormal = {"compile": cfg.compile}
-    newton_schulz = {**orthonormal, "use_triton": cfg.use_triton, "use_polar_express": cfg.use_polar_express}
-    replicate = {
-        "replicate_mesh": meshes.get("replicate_mesh"),
-        "replicate_mesh_grad_sync": cfg.replicate_mesh_grad_sync,
-    }
-    muon_like = {
-        **common,
-        "distributed_mesh": distributed_mesh,
-        "replicate_mesh": meshes.get("replicate_mesh"),
-        "mu": cfg.mu,
-        "nesterov": cfg.nesterov,
-        "cautious_wd": cfg.cautious_wd,
-        "adjust_lr": cfg.adjust_lr,
-        **newton_schulz,
-    }
-    if cfg.optimizer == "dion2":
-        return Dion2(
-            groups,
-            **common,
-            distributed_mesh=distributed_mesh,
-            fraction=cfg.ortho_fraction,
-            ef_decay=cfg.mu,
-            adjust_lr=cfg.adjust_lr,
-            selection=cfg.selection,
-            selection_scope=cfg.selection_scope,
-            decay=cfg.decay,
-            seed=cfg.seed,
-            **newton_schulz,
-            **replicate,
-        )
-    if cfg.optimizer == "muon":
-        return Muon(groups, **muon_like)
-    if cfg.optimizer == "normuon":
-        return NorMuon(groups, **muon_like, muon_beta2=cfg.muon_beta2)
-    if cfg.optimizer == "dion":
-        return Dion(
-            groups,
-            **common,
-            **replicate,
-            outer_shard_mesh=meshes.get("outer_shard_mesh"),
-            inner_shard_mesh=meshes.get("inner_shard_mesh"),
-            mu=cfg.mu,
-            rank_fraction=cfg.ortho_fraction,
-            seed=cfg.seed,
-            **orthonormal,
-        )
-    return AdamWLion(groups, **common)
+    return registry.build_optimizer(cfg.optimizer, groups, to_dict(cfg), meshes)
 
 
 def selection_metrics(optimizer):
-    """Dion2's selection diagnostics over all matrices, for the metrics log ({} otherwise)."""
+    """The selection diagnostics of Dion2 or NorDion2 over all matrices, for the metrics log
+    ({} for another optimizer)."""
     if not isinstance(optimizer, Dion2):
         return {}
     stats = optimizer.selection_stats()

@@ -1,0 +1,79 @@
+"""The base of every optimizer here: param-group checking, state created up front, and the
+step loop that hands each group to AdamW, Lion or the class's own matrix algorithm."""
+
+import torch
+
+from optimizers.hyperparameters import check_value
+from optimizers.scalar import SCALAR_ALGORITHMS, new_scalar_state, scalar_step
+
+
+class BaseOptimizer(torch.optim.Optimizer):
+    """AdamW or Lion per param group (`algorithm`), with state created for every parameter up
+    front. Subclasses add a matrix algorithm of their own name."""
+
+    def __init__(self, params, defaults):
+        defaults = {"algorithm": self.algorithm_name(), **defaults}
+        super().__init__(params, defaults)
+        # A parameter's position in the optimizer: the same on every rank and every run, so
+        # per-parameter seeds derived from it agree everywhere.
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for group in self.param_groups:
+            self._check_group(group)
+            for p in group["params"]:
+                self.state[p] = self._new_state(p, group)
+
+    @classmethod
+    def algorithm_name(cls):
+        """The `algorithm` value of this class's own update."""
+        return "adamw"
+
+    def algorithms(self):
+        """The `algorithm` values a param group may take."""
+        return tuple(dict.fromkeys((self.algorithm_name(), *SCALAR_ALGORITHMS)))
+
+    def _check_group(self, group):
+        if group["algorithm"] not in self.algorithms():
+            raise ValueError(
+                f"unknown algorithm '{group['algorithm']}'; {type(self).__name__} takes "
+                f"{', '.join(self.algorithms())}"
+            )
+        # A group may give betas as a pair or as beta1/beta2; both are honoured.
+        beta1, beta2 = group["betas"]
+        group["betas"] = (group.pop("beta1", beta1), group.pop("beta2", beta2))
+        for name, value in (*group.items(), *zip(("beta1", "beta2"), group["betas"], strict=True)):
+            check_value(name, value)
+
+    def comm_bytes(self):
+        """Bytes the optimizer's collectives moved on this rank since the last call."""
+        return 0
+
+    def synchronize_for_checkpoint(self):
+        """Make the state equal on every replica before a save (nothing to do here)."""
+
+    def _new_state(self, p, group):
+        if group["algorithm"] in SCALAR_ALGORITHMS:
+            return new_scalar_state(p, group["algorithm"])
+        return self._new_matrix_state(p, group)
+
+    def _new_matrix_state(self, p, group):
+        raise NotImplementedError
+
+    def _matrix_step(self, group, params):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update every parameter that has a gradient; the others are left untouched."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["algorithm"] in SCALAR_ALGORITHMS:
+                scalar_step(group, params, [self.state[p] for p in params])
+            else:
+                self._matrix_step(group, params)
+        return loss

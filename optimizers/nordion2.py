@@ -1,0 +1,89 @@
+"""NorDion2 (Dion3): Dion2's selection and error feedback on the rows of each matrix, then
+NorMuon's per-neuron normalization of the orthonormalized rows."""
+
+import torch
+
+from optimizers.dion2 import Dion2
+from optimizers.normuon import normalize_rows
+
+
+class NorDion2(Dion2):
+    """M <- M + G; K = the top-k rows by l1 norm (or k random ones); O = NS(M[K]);
+    M[K] <- mu M[K]; v[K] <- b2 v[K] + (1 - b2) mean_row(O^2); O' = O / (sqrt(v[K]) + eps),
+    rescaled to the Frobenius norm of O; W <- W (1 - lr wd); W[K] <- W[K] - lr s O'.
+
+    The slices are always rows, whatever the shape, because the normalization is per output
+    neuron. The arguments are microsoft/dion's (`mu` is the error-feedback decay), with
+    Dion2's selection, decay, seed, ns_dtype, compressed sync and compile options as well.
+    """
+
+    ef_decay_key = "mu"
+
+    def __init__(
+        self,
+        params,
+        distributed_mesh=None,
+        lr=0.01,
+        fraction=0.25,
+        mu=0.95,
+        muon_beta2=0.95,
+        betas=(0.9, 0.95),
+        weight_decay=0.01,
+        epsilon=1e-8,
+        adjust_lr="spectral_norm",
+        flatten=False,
+        use_triton=False,
+        use_polar_express=True,
+        selection_scope="local",
+        **kwargs,
+    ):
+        super().__init__(
+            params,
+            distributed_mesh,
+            lr=lr,
+            fraction=fraction,
+            ef_decay=mu,
+            betas=betas,
+            weight_decay=weight_decay,
+            epsilon=epsilon,
+            adjust_lr=adjust_lr,
+            flatten=flatten,
+            use_triton=use_triton,
+            use_polar_express=use_polar_express,
+            selection_scope=selection_scope,
+            muon_beta2=muon_beta2,
+            **kwargs,
+        )
+
+    @staticmethod
+    def selects_rows(m, n):
+        """Always the rows: the output neurons that the normalization scales."""
+        return True
+
+    def _new_matrix_state(self, p, group):
+        state = super()._new_matrix_state(p, group)
+        state["row_second_moment"] = torch.zeros(state["last_selected"].shape, device=p.device)
+        return state
+
+    def _orthonormalized(self, group, states, chosen, runs, ortho, shape, sharded):
+        # Each selected row's sum of squares over its full width. The rows of a sharded matrix
+        # are spread over the ranks in blocks: every rank places its partial sums at its run
+        # of the selection, and one sum over distributed_mesh completes them all, so every
+        # rank updates the whole (replicated) second moment alike.
+        squares = [torch.zeros(c.shape, device=c.device) for c in chosen]
+        for total, (first, count), o in zip(squares, runs, ortho, strict=True):
+            total[:, first : first + count] = o.float().square().sum(dim=-1)
+        if sharded:
+            flat = self.comm.all_reduce_sum(torch.cat([t.reshape(-1) for t in squares]))
+            squares = [
+                part.view_as(t)
+                for part, t in zip(flat.split([t.numel() for t in squares]), squares, strict=True)
+            ]
+        for state, indices, total, (first, count), o in zip(
+            states, chosen, squares, runs, ortho, strict=True
+        ):
+            moment = state["row_second_moment"]
+            picked = moment.gather(1, indices)
+            factor = normalize_rows(picked, total, shape[1], group["muon_beta2"], group["epsilon"])
+            moment.scatter_(1, indices, picked)
+            o.mul_(factor[:, first : first + count].unsqueeze(-1).to(o.dtype))

@@ -1,0 +1,99 @@
+"""Every optimizer a run can choose, by its config name: its class, the config keys it reads
+and the constructor argument each feeds, and the meshes it takes.
+
+This is the only list of optimizers and of their keys: the training config takes its choices
+and checks from here, and the param groups build the optimizer through it.
+"""
+
+from typing import NamedTuple
+
+from optimizers.adamw_lion import AdamWLion
+from optimizers.dion import Dion
+from optimizers.dion2 import Dion2
+from optimizers.hyperparameters import check_value
+from optimizers.muon import Muon
+from optimizers.nordion2 import NorDion2
+from optimizers.normuon import NorMuon
+
+
+class OptimizerSpec(NamedTuple):
+    """An optimizer: its class, {config key: constructor argument}, and its mesh arguments."""
+
+    cls: type
+    arguments: dict
+    meshes: tuple = ()
+
+
+COMMON = {"lr": "lr", "weight_decay": "weight_decay"}
+NEWTON_SCHULZ = {"use_polar_express": "use_polar_express", "use_triton": "use_triton", "compile": "compile"}
+MUON = {
+    **COMMON,
+    **NEWTON_SCHULZ,
+    "mu": "mu",
+    "nesterov": "nesterov",
+    "cautious_wd": "cautious_wd",
+    "adjust_lr": "adjust_lr",
+}
+DION2 = {
+    **COMMON,
+    **NEWTON_SCHULZ,
+    "ortho_fraction": "fraction",
+    "adjust_lr": "adjust_lr",
+    "selection": "selection",
+    "selection_scope": "selection_scope",
+    "decay": "decay",
+    "seed": "seed",
+    "replicate_mesh_grad_sync": "replicate_mesh_grad_sync",
+}
+SPLITS_WORK = ("distributed_mesh", "replicate_mesh")
+
+OPTIMIZERS = {
+    "dion2": OptimizerSpec(Dion2, {**DION2, "mu": "ef_decay"}, SPLITS_WORK),
+    "nordion2": OptimizerSpec(NorDion2, {**DION2, "mu": "mu", "muon_beta2": "muon_beta2"}, SPLITS_WORK),
+    "muon": OptimizerSpec(Muon, MUON, SPLITS_WORK),
+    "normuon": OptimizerSpec(NorMuon, {**MUON, "muon_beta2": "muon_beta2"}, SPLITS_WORK),
+    "dion": OptimizerSpec(
+        Dion,
+        {
+            **COMMON,
+            "mu": "mu",
+            "ortho_fraction": "rank_fraction",
+            "seed": "seed",
+            "compile": "compile",
+            "replicate_mesh_grad_sync": "replicate_mesh_grad_sync",
+        },
+        ("replicate_mesh", "outer_shard_mesh", "inner_shard_mesh"),
+    ),
+    "adamw": OptimizerSpec(AdamWLion, COMMON),
+}
+
+# The config keys that some optimizer reads.
+OPTIMIZER_KEYS = tuple(dict.fromkeys(key for spec in OPTIMIZERS.values() for key in spec.arguments))
+
+
+def reads(name, key):
+    """Whether optimizer `name` reads the config key `key`."""
+    return key in OPTIMIZERS[name].arguments
+
+
+def uses_newton_schulz(name):
+    """Whether optimizer `name` orthonormalizes by Newton-Schulz (and so has an ns_dtype)."""
+    return name in OPTIMIZERS and reads(name, "use_polar_express")
+
+
+def check_values(name, values):
+    """Raise ValueError, naming the config key, on a value {key: value} that optimizer `name`
+    does not allow (the ranges and choices of optimizers.hyperparameters)."""
+    for key, argument in OPTIMIZERS[name].arguments.items():
+        if key in values:
+            check_value(argument, values[key], shown=key)
+
+
+def build_optimizer(name, param_groups, values, meshes=None):
+    """Optimizer `name` over `param_groups`, its arguments taken from the config values
+    {key: value} and its meshes from `meshes` ({mesh argument: mesh}, missing ones None)."""
+    spec = OPTIMIZERS[name]
+    arguments = {argument: values[key] for key, argument in spec.arguments.items()}
+    for mesh in spec.meshes:
+        arguments[mesh] = (meshes or {}).get(mesh)
+    return spec.cls(param_groups, **arguments)

@@ -1,0 +1,53 @@
+"""How a parameter is split over ranks: the local tensor of a DTensor, and the rectangular
+block of the full matrix that each rank holds."""
+
+import math
+from typing import NamedTuple
+
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+
+class Block(NamedTuple):
+    """The rectangle of a matrix that one rank holds: rows [row0, row0 + rows) and columns
+    [col0, col0 + cols)."""
+
+    row0: int
+    rows: int
+    col0: int
+    cols: int
+
+    @property
+    def numel(self):
+        """The number of elements in the block."""
+        return self.rows * self.cols
+
+    def transposed(self):
+        """The same block of the transposed matrix."""
+        return Block(self.col0, self.cols, self.row0, self.rows)
+
+
+def local_tensor(t):
+    """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def distinct_shards(t):
+    """Into how many distinct pieces t is split (1 for a plain or replicated tensor)."""
+    if not isinstance(t, DTensor):
+        return 1
+    return math.prod(t.device_mesh.size(i) for i, pl in enumerate(t.placements) if pl.is_shard())
+
+
+def is_block_sharded(p):
+    """Whether p is a matrix whose ranks each hold one rectangular block (Shard(0), Shard(1) or
+    Replicate on every mesh dimension; no strided shards)."""
+    return p.ndim == 2 and all(pl in (Shard(0), Shard(1), Replicate()) for pl in p.placements)
+
+
+def local_block(p):
+    """The Block of the full matrix that a DTensor's local shard holds; all of a plain matrix."""
+    if not isinstance(p, DTensor):
+        return Block(0, p.shape[-2], 0, p.shape[-1])
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return Block(offset[0], shape[0], offset[1], shape[1])

@@ -1,0 +1,75 @@
+"""Check that our optimizers take microsoft/dion's steps: the same weights and gradients on
+both sides, a few steps, and the cosine between the two weight changes of every matrix.
+
+    python scripts/compare_reference.py --against ../shared/opponents/microsoft-dion
+
+Both sides run Newton-Schulz in fp32 (theirs through its `newton_schulz_func`), so that what is
+compared is the update rule, not the rounding of bf16. Matrices: wide, tall and square; the
+selecting algorithms (Dion2, NorDion2 and its alias Dion3) at fraction 0.5 and 0.25. Exits
+with 1 when a cosine falls below --min_cosine.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from scripts.microsoft_dion import ALGORITHMS, SELECTING, build, import_reference
+
+SHAPES = {"wide": (64, 160), "tall": (160, 64), "square": (96, 96)}
+
+
+def weight_changes(reference, algorithm, side, fraction, steps, seed):
+    """Each matrix's weight change after `steps` steps of one side, from fixed weights and
+    gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=generator) for shape in SHAPES.values()]
+    start = [p.clone() for p in params]
+    optimizer = build(reference, algorithm, side, params, fp32=True, fraction=fraction)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    return [(p - s).double() for p, s in zip(params, start, strict=True)]
+
+
+def compare(reference, steps=3, seed=0):
+    """[(algorithm, fraction, shape name, cosine)] for every case."""
+    rows = []
+    for algorithm in ALGORITHMS:
+        for fraction in (0.5, 0.25) if algorithm in SELECTING else (None,):
+            ours = weight_changes(reference, algorithm, "ours", fraction, steps, seed)
+            theirs = weight_changes(reference, algorithm, "theirs", fraction, steps, seed)
+            for name, a, b in zip(SHAPES, ours, theirs, strict=True):
+                cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+                rows.append((algorithm, fraction, name, cosine))
+    return rows
+
+
+def main(argv=None):
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--against", required=True, help="a microsoft/dion checkout or its dion package folder"
+    )
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--min_cosine", type=float, default=0.999)
+    args = parser.parse_args(argv)
+    rows = compare(import_reference(args.against), args.steps)
+    print(f"cosine of the {args.steps}-step weight change, ours against microsoft/dion (fp32 Newton-Schulz)")
+    print(f"{'optimizer':<10} {'fraction':>8} {'matrix':<8} {'cosine':>9}")
+    for algorithm, fraction, name, cosine in rows:
+        shown = "-" if fraction is None else f"{fraction:g}"
+        print(f"{algorithm:<10} {shown:>8} {name:<8} {cosine:>9.6f}")
+    worst = min(rows, key=lambda row: row[3])
+    print(f"lowest cosine {worst[3]:.6f} ({worst[0]}, {worst[2]}); required >= {args.min_cosine}")
+    if worst[3] < args.min_cosine:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
