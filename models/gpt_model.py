@@ -144,6 +144,14 @@ class GPT(nn.Module):
                 roles[role] += [(f"{name}.{n}", p) for n, p in module.named_parameters(recurse=False)]
         return roles
 
+    def head_matrices(self):
+        """The hidden matrices whose rows are one block per attention head: q, k and v."""
+        return [
+            p
+            for block in self.blocks
+            for p in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight)
+        ]
+
     @torch.no_grad()
     def init_weights(self, seed):
         """Initialise every parameter and buffer in place, deterministically for `seed`.

@@ -87,6 +87,8 @@ class Dion(MatrixOptimizer):
         super().__init__(params, defaults, replicate_mesh=replicate_mesh, compile=compile)
         self.compressed = self.replicas is not None and replicate_mesh_grad_sync
 
+    splits_rows = False
+
     def _shards_supported(self, p):
         return is_block_sharded(p) and distinct_shards(p) == math.prod(c.world_size for c in self.shard_comms)
 
@@ -111,7 +113,8 @@ class Dion(MatrixOptimizer):
             self.replicas.all_reduce_sum(partial).div_(self.replicas.world_size)
         return partial
 
-    def _update_bucket(self, group, params):
+    def _update_bucket(self, group, slots):
+        params = [slot.param for slot in slots]
         mu, eps = group["mu"], group["epsilon"]
         sharded = isinstance(params[0], DTensor)
         # A sharded matrix's block, possibly empty, as a batch of one.

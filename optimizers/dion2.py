@@ -16,10 +16,9 @@ rank's tensors: a replicated matrix is all of itself, a sharded one is this rank
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
-from optimizers.sharding import Block, local_tensor
+from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, row_blocks
+from optimizers.sharding import Block
 
 
 def num_selected(fraction, slices):
@@ -190,9 +189,30 @@ class Dion2(MatrixOptimizer):
         """Whether the slices of an m x n matrix are its rows: the shorter side."""
         return m <= n
 
+    def _block_slices(self, group, p):
+        # Each row block's slices, one after another: its rows, or its columns when tall.
+        ranges, first = [], 0
+        for _, rows in row_blocks(group, p.shape[0]):
+            count = rows if self.selects_rows(rows, p.shape[1]) else p.shape[1]
+            ranges.append(slice(first, first + count))
+            first += count
+        return ranges
+
+    def _slot_state(self, state, rows, local_rows, slices):
+        return {
+            **super()._slot_state(state, rows, local_rows, slices),
+            "step": state["step"],
+            "last_selected": state["last_selected"][:, slices],
+            "longest_wait": state["longest_wait"],
+        }
+
     def _new_matrix_state(self, p, group):
         batch, m, n = as_matrices(p, group["flatten"]).shape
-        slices = m if self.selects_rows(m, n) else n
+        blocks = row_blocks(group, m) if p.ndim == 2 else None
+        if blocks is None:
+            slices = m if self.selects_rows(m, n) else n
+        else:
+            slices = self._block_slices(group, p)[-1].stop
         return {
             "momentum": torch.zeros_like(p),
             "step": torch.zeros((), dtype=torch.int64),
@@ -209,8 +229,12 @@ class Dion2(MatrixOptimizer):
     def _record_selection(self, state, indices, step):
         """Diagnostics: indices (batch, k) of the slices selected at `step`."""
         waited = step - 1 - state["last_selected"].gather(1, indices)
-        state["longest_wait"] = torch.maximum(state["longest_wait"], waited.max())
+        torch.maximum(state["longest_wait"], waited.max(), out=state["longest_wait"])
         state["last_selected"].scatter_(1, indices, step)
+
+    def _begin_step(self, group, params):
+        for p in params:
+            self.state[p]["step"] += 1
 
     def _sync_replicas(self, selected):
         """Average each replica's selected slices, in place (compressed sync only)."""
@@ -221,7 +245,7 @@ class Dion2(MatrixOptimizer):
         for t, part in zip(selected, flat.split([t.numel() for t in selected]), strict=True):
             t.copy_(part.view_as(t))
 
-    def _select(self, group, params, steps, norms, spans, slices, device):
+    def _select(self, group, slots, steps, norms, spans, slices, device):
         """The chosen slices of each matrix, sorted: (batch, k) indices into the whole matrix.
 
         Each slice range selects on its own: the whole matrix when replicated or under the
@@ -229,7 +253,7 @@ class Dion2(MatrixOptimizer):
         by the range when there are several, so that the ranges draw independently.
         """
         fraction, chosen = group["fraction"], []
-        for x, (p, step) in enumerate(zip(params, steps, strict=True)):
+        for x, (slot, step) in enumerate(zip(slots, steps, strict=True)):
             whole = spans is None or group["selection_scope"] == "global"
             ranges = [(0, slices)] if whole else slice_ranges(spans[x])
             picks = []
@@ -238,8 +262,9 @@ class Dion2(MatrixOptimizer):
                 if norms is not None:
                     picks.append(norms[x][:, a : a + la].topk(k, dim=-1, sorted=False).indices + a)
                 else:
-                    generator = self._generator(group, p, step, (a,) if len(ranges) > 1 else ())
-                    batch = len(as_matrices(p, group["flatten"]))
+                    salt = (*slot.salt, *((a,) if len(ranges) > 1 else ()))
+                    generator = self._generator(group, slot.param, step, salt)
+                    batch = len(as_matrices(slot.weight, group["flatten"]))
                     picks.append(
                         torch.stack([torch.randperm(la, generator=generator)[:k] + a for _ in range(batch)])
                     )
@@ -253,10 +278,10 @@ class Dion2(MatrixOptimizer):
         rank's block of the other side; `shape` is the full matrix's (m, n), and `sharded`
         says the parts are blocks of matrices spread over distributed_mesh."""
 
-    def _update_bucket(self, group, params):
-        sharded = isinstance(params[0], DTensor)
+    def _update_bucket(self, group, slots):
+        sharded = slots[0].blocks is not None
         flatten = group["flatten"] and not sharded
-        m, n = matrix_shape(params[0], flatten)
+        m, n = slots[0].shape
         rows = self.selects_rows(m, n)
         slices, other = (m, n) if rows else (n, m)
         l1 = group["selection"] == "l1"
@@ -264,30 +289,27 @@ class Dion2(MatrixOptimizer):
         # The counts a rank holds vary from step to step only for sharded global selections;
         # everything else compiles once per bucket.
         run = self._run if not (sharded and global_scope) else (lambda fn, *args: fn(*args))
-        states = [self.state[p] for p in params]
-        weights = [local_tensor(p) for p in params]
-        momenta = [local_tensor(s["momentum"]) for s in states]
+        states = [s.state for s in slots]
+        weights = [s.weight for s in slots]
+        momenta = [s["momentum"] for s in states]
         device = momenta[0].device
-        steps = []
-        for state in states:
-            state["step"] += 1
-            steps.append(int(state["step"]))
+        steps = [int(s["step"]) for s in states]
 
         # 1. accumulate
-        norms = run(accumulate, momenta, [local_tensor(p.grad) for p in params], flatten, rows, l1)
+        norms = run(accumulate, momenta, [s.grad for s in slots], flatten, rows, l1)
         spans = None
         if sharded:
             # Each rank's block in slice-major coordinates (slice0, slices, other0, others).
-            spans = [[b if rows else b.transposed() for b in self.blocks[p]] for p in params]
+            spans = [[b if rows else b.transposed() for b in s.blocks] for s in slots]
             if l1:
-                full = torch.zeros(len(params), slices, device=device)
+                full = torch.zeros(len(slots), slices, device=device)
                 for x, (norm, span) in enumerate(zip(norms, spans, strict=True)):
                     mine = span[self.comm.rank]
                     full[x, mine.row0 : mine.row0 + mine.rows] = norm[0]
                 norms = list(self.comm.all_reduce_sum(full).unsqueeze(1).unbind())
 
         # 2. select
-        chosen = self._select(group, params, steps, norms, spans, slices, device)
+        chosen = self._select(group, slots, steps, norms, spans, slices, device)
         if sharded:
             runs = (
                 selected_runs_global(chosen, spans)
@@ -309,7 +331,7 @@ class Dion2(MatrixOptimizer):
         selected = run(gather_slices, momenta, local_index, flatten, rows)
         self._sync_replicas(selected)
         if sharded:
-            ortho = [None] * len(params)
+            ortho = [None] * len(slots)
             by_k = {}
             for x, c in enumerate(chosen):
                 by_k.setdefault(c.size(-1), []).append(x)

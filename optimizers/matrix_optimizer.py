@@ -13,6 +13,7 @@ rank, which orthonormalizes whole matrices, and a second returns the blocks.
 import importlib.util
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -21,7 +22,7 @@ from optimizers.base import BaseOptimizer
 from optimizers.comm import Communicator, process_group
 from optimizers.compiled import run_compiled
 from optimizers.newton_schulz import newton_schulz
-from optimizers.sharding import Block, is_block_sharded, local_block, local_tensor
+from optimizers.sharding import Block, block_rows, is_block_sharded, local_block, local_tensor
 
 
 def matrix_shape(p, flatten):
@@ -53,6 +54,34 @@ def lr_scale(adjust_lr, fan_out, fan_in):
     if adjust_lr == "rms_norm":
         return 0.2 * math.sqrt(max(fan_out, fan_in))
     return 1.0
+
+
+def row_blocks(group, rows):
+    """The row blocks (first row, rows) a group's `num_heads` or `split_sizes` cut a matrix of
+    `rows` rows into, or None when it cuts none."""
+    heads = group.get("num_heads")
+    if heads and heads > 1:
+        return [(h * (rows // heads), rows // heads) for h in range(heads)]
+    sizes = group.get("split_sizes")
+    if sizes:
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return list(zip(starts, sizes, strict=True))
+    return None
+
+
+class Slot(NamedTuple):
+    """One matrix, or batch of matrices, that an algorithm updates: a whole parameter, or one
+    row block of a 2-D one (a head, or a block of `split_sizes`), which is then a matrix of its
+    own. Its tensors are views of this rank's local tensors: updating them updates the
+    parameter and its state."""
+
+    param: torch.Tensor
+    shape: tuple  # (fan_out, fan_in) of its matrices
+    weight: torch.Tensor
+    grad: torch.Tensor
+    state: dict
+    blocks: list | None  # every rank's Block of it, when it is sharded over distributed_mesh
+    salt: tuple  # () for a whole parameter, (first row,) for a row block
 
 
 def native_bf16(device):
@@ -176,16 +205,110 @@ class MatrixOptimizer(BaseOptimizer):
             return
         for p in group["params"]:
             matrix_shape(p, group.get("flatten", False))
+        self._check_row_blocks(group)
 
-    def _update_bucket(self, group, params):
-        """Update a list of parameters whose matrices all have the same shape."""
+    # Whether the algorithm takes the `num_heads` and `split_sizes` group options.
+    splits_rows = True
+
+    def _check_row_blocks(self, group):
+        """Raise ValueError on `num_heads` or `split_sizes` options that do not cut every
+        matrix of the group into row blocks."""
+        heads, sizes = group.get("num_heads"), group.get("split_sizes")
+        if heads is None and sizes is None:
+            return
+        name = type(self).__name__
+        if not self.splits_rows:
+            raise ValueError(
+                f"{name} has no per-head or split update: num_heads and split_sizes are not allowed"
+            )
+        if heads is not None and sizes is not None:
+            raise ValueError("num_heads and split_sizes cannot both be set: heads are equal row blocks")
+        if group.get("flatten"):
+            raise ValueError("num_heads and split_sizes cut 2-D matrices; they cannot be used with flatten")
+        if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+            raise ValueError(f"num_heads must be a positive integer, got {heads!r}")
+        if sizes is not None and not (
+            isinstance(sizes, list | tuple)
+            and len(sizes) >= 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in sizes)
+        ):
+            raise ValueError(f"split_sizes must be a list of 2 or more positive integers, got {sizes!r}")
+        for p in group["params"]:
+            if p.ndim != 2:
+                raise ValueError(f"num_heads and split_sizes cut 2-D matrices, got shape {tuple(p.shape)}")
+            if heads is not None and p.shape[0] % heads:
+                raise ValueError(
+                    f"num_heads {heads} does not divide the {p.shape[0]} rows of a {tuple(p.shape)} matrix"
+                )
+            if sizes is not None and sum(sizes) != p.shape[0]:
+                raise ValueError(
+                    f"split_sizes {list(sizes)} must add up to the {p.shape[0]} rows of a "
+                    f"{tuple(p.shape)} matrix"
+                )
+
+    def _slot_state(self, state, rows, local_rows, slices):
+        """The views of a parameter's state that belong to one of its row blocks: `rows` are its
+        rows of the full matrix, `local_rows` its rows of this rank's local tensors, and
+        `slices` the range of the parameter's slice-indexed state that is its own."""
+        return {"momentum": local_tensor(state["momentum"])[local_rows]}
+
+    def _block_slices(self, group, p):
+        """The ranges of a parameter's slice-indexed state that belong to each of its row blocks."""
+        return [slice(r0, r0 + rows) for r0, rows in row_blocks(group, p.shape[0])]
+
+    def _slots(self, group, params):
+        """The Slots of a group's parameters: each parameter whole, or its row blocks."""
+        flatten = group.get("flatten", False)
+        slots = []
+        for p in params:
+            state, sharded = self.state[p], isinstance(p, DTensor)
+            blocks = row_blocks(group, p.shape[0]) if p.ndim == 2 else None
+            if blocks is None:
+                local_state = {k: local_tensor(v) for k, v in state.items()}
+                slots.append(
+                    Slot(
+                        p,
+                        matrix_shape(p, flatten),
+                        local_tensor(p),
+                        local_tensor(p.grad),
+                        local_state,
+                        self.blocks.get(p),
+                        (),
+                    )
+                )
+                continue
+            every = self.blocks[p] if sharded else [local_block(p)]
+            me = self.comm.rank if sharded else 0
+            for (r0, rows), slices in zip(blocks, self._block_slices(group, p), strict=True):
+                cut = [block_rows(b, r0, rows) for b in every]
+                start = cut[me].row0 + r0 - every[me].row0 if cut[me].rows else 0
+                local = slice(start, start + cut[me].rows)
+                slots.append(
+                    Slot(
+                        p,
+                        (rows, p.shape[1]),
+                        local_tensor(p)[local],
+                        local_tensor(p.grad)[local],
+                        self._slot_state(state, slice(r0, r0 + rows), local, slices),
+                        cut if sharded else None,
+                        (r0,),
+                    )
+                )
+        return slots
+
+    def _update_bucket(self, group, slots):
+        """Update a list of Slots whose matrices all have the same shape."""
         raise NotImplementedError
 
+    def _begin_step(self, group, params):
+        """Per-parameter bookkeeping once per step, before the updates (nothing here)."""
+
     def _matrix_step(self, group, params):
-        flatten = group.get("flatten", False)
+        self._begin_step(group, params)
         buckets = {}
-        for p in params:
-            buckets.setdefault((matrix_shape(p, flatten), p.dtype, p.device), []).append(p)
+        for slot in self._slots(group, params):
+            sharded = slot.blocks is not None
+            buckets.setdefault((slot.shape, slot.weight.dtype, slot.weight.device, sharded), []).append(slot)
         for bucket in buckets.values():
             self._update_bucket(group, bucket)
 

@@ -1,10 +1,8 @@
 """Muon: momentum, then Newton-Schulz orthonormalization of each matrix's update."""
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, matrix_shape
-from optimizers.sharding import local_tensor
+from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale
 
 
 def momentum_inputs(momenta, grads, mu, nesterov):
@@ -64,30 +62,30 @@ class Muon(MatrixOptimizer):
 
     def _orthonormalized(self, group, states, updates, row_starts, shape, sharded):
         """Hook for variants: adjust the orthonormalized updates in place. updates[i] is this
-        rank's block (batch, rows, cols) of parameter i's matrices, starting at row
-        row_starts[i] of the full matrix of `shape`; `sharded` says the blocks are parts of matrices
-        spread over distributed_mesh."""
+        rank's block (batch, rows, cols) of slot i's matrices, starting at row row_starts[i]
+        of the full matrix of `shape`; `sharded` says the blocks are parts of matrices spread
+        over distributed_mesh."""
 
-    def _update_bucket(self, group, params):
+    def _update_bucket(self, group, slots):
         # A sharded bucket works on this rank's blocks: in-place updates of the local tensors
         # are updates of the shards.
-        sharded = isinstance(params[0], DTensor)
-        grads = [local_tensor(p.grad) for p in params]
-        states = [self.state[p] for p in params]
-        momenta = [local_tensor(s["momentum"]) for s in states]
+        sharded = slots[0].blocks is not None
+        grads = [s.grad for s in slots]
+        states = [s.state for s in slots]
+        momenta = [s["momentum"] for s in states]
         mu = self._hyperparameters(group, grads[0].device, "mu")["mu"]
         inputs = self._run(momentum_inputs, momenta, grads, mu, group["nesterov"])
         flatten = group["flatten"]
-        shape = matrix_shape(params[0], flatten)
+        shape = slots[0].shape
         if sharded:
-            blocks = [self.blocks[p] for p in params]
+            blocks = [s.blocks for s in slots]
             updates = [u.unsqueeze(0) for u in self._orthonormalize_blocks(group, inputs, blocks, shape)]
             row_starts = [b[self.comm.rank].row0 for b in blocks]
         else:
             stacked = torch.cat([as_matrices(u, flatten) for u in inputs])
             ortho = self._orthonormalize(group, stacked)
-            updates = ortho.split([len(as_matrices(p, flatten)) for p in params])
-            row_starts = [0] * len(params)
+            updates = ortho.split([len(as_matrices(s.weight, flatten)) for s in slots])
+            row_starts = [0] * len(slots)
         self._orthonormalized(group, states, updates, row_starts, shape, sharded)
-        updates = [u.view(local_tensor(p).shape) for u, p in zip(updates, params, strict=True)]
-        self._apply(group, [local_tensor(p) for p in params], updates, lr_scale(group["adjust_lr"], *shape))
+        updates = [u.view(s.weight.shape) for u, s in zip(updates, slots, strict=True)]
+        self._apply(group, [s.weight for s in slots], updates, lr_scale(group["adjust_lr"], *shape))

@@ -60,6 +60,12 @@ class NorDion2(Dion2):
         """Always the rows: the output neurons that the normalization scales."""
         return True
 
+    def _slot_state(self, state, rows, local_rows, slices):
+        return {
+            **super()._slot_state(state, rows, local_rows, slices),
+            "row_second_moment": state["row_second_moment"][:, slices],
+        }
+
     def _new_matrix_state(self, p, group):
         state = super()._new_matrix_state(p, group)
         state["row_second_moment"] = torch.zeros(state["last_selected"].shape, device=p.device)

@@ -34,6 +34,12 @@ class NorMuon(Muon):
             "row_second_moment": torch.zeros(rows, device=p.device),
         }
 
+    def _slot_state(self, state, rows, local_rows, slices):
+        return {
+            **super()._slot_state(state, rows, local_rows, slices),
+            "row_second_moment": state["row_second_moment"][:, rows],
+        }
+
     def _orthonormalized(self, group, states, updates, row_starts, shape, sharded):
         # Each row's sum of squares over the full matrix. A sharded row is spread over ranks:
         # the partial sums are placed in full-height vectors and summed over distributed_mesh,

@@ -17,11 +17,13 @@ from optimizers.normuon import NorMuon
 
 
 class OptimizerSpec(NamedTuple):
-    """An optimizer: its class, {config key: constructor argument}, and its mesh arguments."""
+    """An optimizer: its class, {config key: constructor argument}, its mesh arguments, and
+    the config keys that shape its param groups rather than feed its constructor."""
 
     cls: type
     arguments: dict
     meshes: tuple = ()
+    group_keys: tuple = ()
 
 
 COMMON = {"lr": "lr", "weight_decay": "weight_decay"}
@@ -46,12 +48,16 @@ DION2 = {
     "replicate_mesh_grad_sync": "replicate_mesh_grad_sync",
 }
 SPLITS_WORK = ("distributed_mesh", "replicate_mesh")
+# Newton-Schulz optimizers cut matrices into per-head blocks (the num_heads group option).
+PER_HEAD = ("ortho_per_head",)
 
 OPTIMIZERS = {
-    "dion2": OptimizerSpec(Dion2, {**DION2, "mu": "ef_decay"}, SPLITS_WORK),
-    "nordion2": OptimizerSpec(NorDion2, {**DION2, "mu": "mu", "muon_beta2": "muon_beta2"}, SPLITS_WORK),
-    "muon": OptimizerSpec(Muon, MUON, SPLITS_WORK),
-    "normuon": OptimizerSpec(NorMuon, {**MUON, "muon_beta2": "muon_beta2"}, SPLITS_WORK),
+    "dion2": OptimizerSpec(Dion2, {**DION2, "mu": "ef_decay"}, SPLITS_WORK, PER_HEAD),
+    "nordion2": OptimizerSpec(
+        NorDion2, {**DION2, "mu": "mu", "muon_beta2": "muon_beta2"}, SPLITS_WORK, PER_HEAD
+    ),
+    "muon": OptimizerSpec(Muon, MUON, SPLITS_WORK, PER_HEAD),
+    "normuon": OptimizerSpec(NorMuon, {**MUON, "muon_beta2": "muon_beta2"}, SPLITS_WORK, PER_HEAD),
     "dion": OptimizerSpec(
         Dion,
         {
@@ -68,12 +74,14 @@ OPTIMIZERS = {
 }
 
 # The config keys that some optimizer reads.
-OPTIMIZER_KEYS = tuple(dict.fromkeys(key for spec in OPTIMIZERS.values() for key in spec.arguments))
+OPTIMIZER_KEYS = tuple(
+    dict.fromkeys(key for spec in OPTIMIZERS.values() for key in (*spec.arguments, *spec.group_keys))
+)
 
 
 def reads(name, key):
     """Whether optimizer `name` reads the config key `key`."""
-    return key in OPTIMIZERS[name].arguments
+    return key in OPTIMIZERS[name].arguments or key in OPTIMIZERS[name].group_keys
 
 
 def uses_newton_schulz(name):

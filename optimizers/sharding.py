@@ -27,6 +27,15 @@ class Block(NamedTuple):
         return Block(self.col0, self.cols, self.row0, self.rows)
 
 
+def block_rows(block, first, rows):
+    """The part of `block` in rows [first, first + rows) of its matrix, in the coordinates of
+    those rows (an empty block, at row 0, when they do not meet)."""
+    lo, hi = max(first, block.row0), min(first + rows, block.row0 + block.rows)
+    if hi <= lo:
+        return Block(0, 0, block.col0, block.cols)
+    return Block(lo - first, hi - lo, block.col0, block.cols)
+
+
 def local_tensor(t):
     """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t

@@ -150,8 +150,28 @@ SHARDED_CASES = {
     "nordion2_global_l1": (NorDion2, {"selection_scope": "global"}),
     "nordion2_global_random": (NorDion2, {"selection_scope": "global", "selection": "random"}),
     "nordion2_local_l1": (NorDion2, {"selection_scope": "local"}),
+    # Per-head updates: every head is a matrix of its own, spread over the ranks' blocks.
+    "normuon_heads": (NorMuon, {"num_heads": 2}),
+    "dion2_heads_global": (Dion2, {"selection_scope": "global", "num_heads": 2}),
+    "nordion2_split_global": (NorDion2, {"selection_scope": "global", "split_sizes": "3/4"}),
     "dion": (Dion, {"rank_fraction": 0.5}),
 }
+# Param-group options among the cases' settings. "3/4" splits each matrix's rows into a block
+# of about 3/4 and the rest (a group of its own per matrix, as the shapes differ).
+GROUP_OPTIONS = ("num_heads", "split_sizes")
+
+
+def group_of(params, kwargs):
+    """The param groups of a case, with its group options."""
+    options = {k: v for k, v in kwargs.items() if k in GROUP_OPTIONS}
+    if options.get("split_sizes") == "3/4":
+        return [
+            {"params": [p], **({"split_sizes": [len(p) - len(p) // 4, len(p) // 4]} if len(p) >= 4 else {})}
+            for p in params
+        ]
+    return [{"params": params, **options}]
+
+
 DION2_SETTINGS = {Dion2: {"fraction": 0.3, "ef_decay": 0.9}, NorDion2: {"fraction": 0.3, "mu": 0.9}}
 
 
@@ -177,7 +197,8 @@ def run_sharded(name, layout=None, mesh=None):
         replicas = {"replicate_mesh": REPLICAS[layout](mesh)} if layout in REPLICAS else {}
         if replicas and issubclass(cls, Dion2):
             replicas["replicate_mesh_grad_sync"] = False
-        opt = cls(params, lr=0.02, distributed_mesh=optimizer_mesh, **replicas, **kwargs)
+        settings = {k: v for k, v in kwargs.items() if k not in GROUP_OPTIONS}
+        opt = cls(group_of(params, kwargs), lr=0.02, distributed_mesh=optimizer_mesh, **replicas, **settings)
     for step_grads in grads:
         for i, (p, g) in enumerate(zip(params, step_grads, strict=True)):
             p.grad = shard(g, i)

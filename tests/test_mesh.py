@@ -122,6 +122,9 @@ LAYOUT_RUNS = {
         ["--dp_size", "2", "--fs_size", "2", "--replicate_mesh_grad_sync", "true"],
         options("dion"),
     ),
+    # q, k and v cut into heads: under TP each rank holds whole heads, under FSDP over TP
+    # the heads' columns are spread too.
+    "fsdp2xtp2-nordion2-per-head": (*LAYOUTS["fsdp2xtp2"], {**options("nordion2"), "ortho_per_head": True}),
 }
 
 

@@ -366,6 +366,75 @@ def test_dion3_is_nordion2():
     assert NorDion2([torch.zeros(4, 4)]).param_groups[0]["algorithm"] == "nordion2"
 
 
+ROW_BLOCK_CLASSES = [
+    (Muon, {"nesterov": True}),
+    (NorMuon, {}),
+    (Dion2, {"fraction": 0.3}),
+    (NorDion2, {"fraction": 0.3}),
+]
+
+
+def blockwise_and_separate(cls, kwargs, shape, option, sizes, steps=3):
+    """The weights after `steps` steps of one parameter cut by `option` (num_heads or
+    split_sizes), and of its row blocks as separate parameters in one group, on the same
+    gradients."""
+    gen = torch.Generator().manual_seed(0)
+    whole = torch.randn(shape, generator=gen)
+    parts = [b.clone() for b in whole.split(sizes)]
+    together = cls([{"params": [whole], **option}], lr=0.05, **kwargs)
+    apart = cls(parts, lr=0.05, **kwargs)
+    for _ in range(steps):
+        grad = torch.randn(shape, generator=gen)
+        whole.grad = grad.clone()
+        for part, g in zip(parts, grad.split(sizes), strict=True):
+            part.grad = g.clone()
+        together.step()
+        apart.step()
+    return whole, torch.cat(parts)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ROW_BLOCK_CLASSES)
+@pytest.mark.parametrize("shape", [(12, 20), (24, 4)])
+def test_per_head_update_equals_the_heads_as_separate_matrices(cls, kwargs, shape):
+    # (24, 4) cuts into 3 tall heads of (8, 4): Dion2 selects their columns.
+    whole, separate = blockwise_and_separate(cls, kwargs, shape, {"num_heads": 3}, shape[0] // 3)
+    torch.testing.assert_close(whole, separate, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ROW_BLOCK_CLASSES)
+def test_split_update_equals_the_blocks_as_separate_matrices(cls, kwargs):
+    # Unequal blocks, a wide one and a tall one among them (a fused q, k, v under GQA).
+    sizes = [16, 4, 4, 30]
+    whole, separate = blockwise_and_separate(cls, kwargs, (54, 20), {"split_sizes": sizes}, sizes)
+    torch.testing.assert_close(whole, separate, atol=1e-6, rtol=0)
+
+
+def test_dion2_random_selection_draws_per_head():
+    p = torch.randn(12, 20)
+    opt = Dion2([{"params": [p], "num_heads": 3}], fraction=0.25, selection="random")
+    p.grad = torch.randn(12, 20)
+    opt.step()
+    assert opt.selection_stats()[0]["coverage"] == 3 / 12  # one of each head's 4 rows
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"num_heads": 5}, "num_heads 5 does not divide the 12 rows of a \\(12, 20\\) matrix"),
+        ({"num_heads": 0}, "num_heads must be a positive integer, got 0"),
+        ({"split_sizes": [4, 4]}, "split_sizes \\[4, 4\\] must add up to the 12 rows"),
+        ({"split_sizes": [12]}, "split_sizes must be a list of 2 or more positive integers"),
+        ({"num_heads": 2, "split_sizes": [6, 6]}, "num_heads and split_sizes cannot both be set"),
+        ({"num_heads": 2, "flatten": True}, "cannot be used with flatten"),
+    ],
+)
+def test_bad_row_blocks(option, message):
+    with pytest.raises(ValueError, match=message):
+        Muon([{"params": [torch.zeros(12, 20)], **option}])
+    with pytest.raises(ValueError, match="Dion has no per-head or split update"):
+        Dion([{"params": [torch.zeros(12, 20)], "num_heads": 2}])
+
+
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (16, 16)])
 @pytest.mark.parametrize("rank_fraction", [1.0, 0.25])
 def test_dion_matches_reference(shape, rank_fraction):
@@ -547,7 +616,10 @@ def test_cholesky_qr_is_orthonormal_on_an_ill_conditioned_matrix():
     # condition number of 1e6, where plain Cholesky-QR's Gram matrix is not positive definite
     # in fp32, it still gives the Q of the QR.
     gen = torch.Generator().manual_seed(0)
-    u, v = torch.linalg.qr(torch.randn(64, 16, generator=gen)).Q, torch.linalg.qr(torch.randn(16, 16, generator=gen)).Q
+    u, v = (
+        torch.linalg.qr(torch.randn(64, 16, generator=gen)).Q,
+        torch.linalg.qr(torch.randn(16, 16, generator=gen)).Q,
+    )
     p = (u * torch.logspace(0, -6, 16)) @ v.T
     assert torch.linalg.cholesky_ex(p.T @ p).info > 0
     basis = orthonormalize_columns(p[None], "cholesky_qr")[0]

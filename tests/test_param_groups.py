@@ -7,7 +7,7 @@ import torch
 
 from models.gpt_model import GPT, GPTConfig
 from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
-from training.config import load_config
+from training.config import ConfigError, load_config
 from training.param_groups import (
     ParamGroupError,
     build_optimizer,
@@ -151,3 +151,19 @@ def test_selection_metrics(model):
         )
         == {}
     )
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "nordion2"])
+def test_per_head_puts_q_k_v_in_a_group_cut_into_heads(model, optimizer):
+    cfg = config("--optimizer", optimizer, "--ortho_per_head", "true")
+    groups = build_param_groups(model, cfg)
+    heads = [g for g in groups if "num_heads" in g]
+    assert len(heads) == 1 and heads[0]["num_heads"] == 4 and heads[0]["role"] == "matrix"
+    assert {id(p) for p in heads[0]["params"]} == {id(p) for p in model.head_matrices()}
+    assert len(heads[0]["params"]) == 3 * 2  # q, k and v of each layer
+    opt = build_optimizer(groups, cfg)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()  # each head is its own matrix: nothing in the shapes refuses it
+    with pytest.raises(ConfigError, match="ortho_per_head true is not read by optimizer dion"):
+        config("--optimizer", "dion", "--ortho_per_head", "true")

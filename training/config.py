@@ -89,6 +89,11 @@ class TrainConfig:
         True, "Newton-Schulz with Polar Express coefficients, or the classic quintic"
     )
     muon_beta2: float = key(0.95, "the per-neuron second-moment decay of NorMuon and NorDion2")
+    ortho_per_head: bool = key(
+        False,
+        "orthonormalize q, k and v per attention head, each head a matrix of its own with its own lr "
+        "scale (the `num_heads` group option = `n_head`): Muon, NorMuon, Dion2, NorDion2",
+    )
     diagnostics_every: int = key(
         10, "log the selection diagnostics of Dion2 and NorDion2 every N steps; 0 = never"
     )

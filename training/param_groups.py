@@ -26,6 +26,7 @@ def build_param_groups(model, cfg):
 
     matrix: the main algorithm (`optimizer`); vector, embedding and lm_head: `scalar_opt`,
     at `scalar_lr`, the lm_head scaled by `lm_head_lr_scale`, the embedding without weight decay.
+    With `ortho_per_head`, q, k and v form a second matrix group with `num_heads` = `n_head`.
     """
     scalar_lr = cfg.lr if cfg.scalar_lr is None else cfg.scalar_lr
     settings = {
@@ -35,21 +36,18 @@ def build_param_groups(model, cfg):
         "lm_head": (cfg.scalar_opt, scalar_lr * lm_head_lr_scale(cfg), cfg.weight_decay),
     }
     roles = model.param_roles()
+    per_head = set(model.head_matrices()) if cfg.ortho_per_head else set()
     groups = []
     for role in ROLES:
         params = [p for _, p in roles[role]]
-        if params:
-            algorithm, lr, wd = settings[role]
-            groups.append(
-                {
-                    "role": role,
-                    "params": params,
-                    "algorithm": algorithm,
-                    "base_lr": lr,
-                    "lr": lr,
-                    "weight_decay": wd,
-                }
-            )
+        algorithm, lr, wd = settings[role]
+        group = {"role": role, "algorithm": algorithm, "base_lr": lr, "lr": lr, "weight_decay": wd}
+        heads = [p for p in params if p in per_head]
+        if heads:  # q, k and v orthonormalized per head, in a group of their own
+            groups.append({**group, "params": heads, "num_heads": cfg.n_head})
+        rest = [p for p in params if p not in per_head]
+        if rest:
+            groups.append({**group, "params": rest})
     check_param_groups(model, groups, cfg.optimizer)
     return groups
 
