@@ -37,6 +37,7 @@ from training.param_groups import (
     build_optimizer,
     build_param_groups,
     describe_param_groups,
+    newton_schulz_note,
     selection_metrics,
 )
 from training.precision import bf16_autocast
@@ -133,7 +134,9 @@ def train(cfg, layout, ctx, preemption):
     groups = build_param_groups(model, cfg)
     optimizer = build_optimizer(groups, cfg, optimizer_meshes(mesh, ctx))
     if ctx.is_main:
-        print("\n".join(describe_param_groups(groups, ctx.device)))
+        print("\n".join(describe_param_groups(groups)))
+        if (note := newton_schulz_note(cfg, ctx.device)) is not None:
+            print(note)
 
     # Resume: weights, optimizer, data position and RNGs, so the run continues exactly.
     step, skipped = 0, 0

@@ -17,6 +17,20 @@ def process_group(mesh):
     return mesh
 
 
+class Pending:
+    """The result of an asynchronous collective, ready once wait() returns it."""
+
+    def __init__(self, work, result, keep=None):
+        self.work, self.result = work, result
+        self.keep = keep  # the send buffer must live until the collective is done
+
+    def wait(self):
+        """Block until the collective is done; return its result."""
+        self.work.wait()
+        self.keep = None
+        return self.result
+
+
 class Communicator:
     """The collectives of one optimizer over one process group, with a byte counter.
 
@@ -30,16 +44,18 @@ class Communicator:
         self.rank = dist.get_rank(group)
         self.bytes_moved = 0
 
-    def all_gather_stack(self, mine, total):
+    def all_gather_stack(self, mine, total, async_op=False):
         """Concatenate every rank's equal-size stack `mine` (c, ...) along dim 0; keep `total` rows.
 
-        The collective works on flat buffers, which every backend (gloo too) accepts.
+        The collective works on flat buffers, which every backend (gloo too) accepts. With
+        `async_op`, returns a Pending whose wait() gives the result.
         """
         mine = mine.contiguous()
         out = torch.empty(self.world_size * mine.numel(), dtype=mine.dtype, device=mine.device)
-        dist.all_gather_into_tensor(out, mine.view(-1), group=self.group)
+        work = dist.all_gather_into_tensor(out, mine.view(-1), group=self.group, async_op=async_op)
         self.bytes_moved += (self.world_size - 1) * mine.numel() * mine.element_size()
-        return out.view(self.world_size * mine.size(0), *mine.shape[1:])[:total]
+        result = out.view(self.world_size * mine.size(0), *mine.shape[1:])[:total]
+        return Pending(work, result) if async_op else result
 
     def all_reduce_sum(self, tensor):
         """Sum `tensor` over the ranks, in place."""
@@ -47,9 +63,10 @@ class Communicator:
         self.bytes_moved += (self.world_size - 1) * tensor.numel() * tensor.element_size()
         return tensor
 
-    def exchange(self, outgoing, incoming_numel, dtype, device):
+    def exchange(self, outgoing, incoming_numel, dtype, device, async_op=False):
         """All-to-all: send outgoing[s] (a list of tensors) to rank s; receive incoming_numel[s]
-        elements from rank s. Returns the received flat pieces, one per source rank.
+        elements from rank s. Returns the received flat pieces, one per source rank (with
+        `async_op`, a Pending of them).
 
         One `all_to_all_single` on flat buffers with split sizes, which gloo accepts even when
         the pieces differ in size.
@@ -58,9 +75,12 @@ class Communicator:
         flat = [t.reshape(-1).to(dtype) for pieces in outgoing for t in pieces]
         send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
         received = torch.empty(sum(incoming_numel), dtype=dtype, device=device)
-        dist.all_to_all_single(received, send, incoming_numel, send_sizes, group=self.group)
+        work = dist.all_to_all_single(
+            received, send, incoming_numel, send_sizes, group=self.group, async_op=async_op
+        )
         self.bytes_moved += (sum(incoming_numel) - incoming_numel[self.rank]) * received.element_size()
-        return list(received.split(incoming_numel))
+        result = list(received.split(incoming_numel))
+        return Pending(work, result, keep=send) if async_op else result
 
     def take_bytes(self):
         """The bytes moved since the last call."""

@@ -89,7 +89,7 @@ class Dion(MatrixOptimizer):
 
     splits_rows = False
 
-    def _shards_supported(self, p):
+    def _shards_supported(self, p, group):
         return is_block_sharded(p) and distinct_shards(p) == math.prod(c.world_size for c in self.shard_comms)
 
     def _communicators(self):

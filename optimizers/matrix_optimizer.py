@@ -13,6 +13,7 @@ rank, which orthonormalizes whole matrices, and a second returns the blocks.
 import importlib.util
 import math
 import warnings
+from collections import deque
 from typing import NamedTuple
 
 import torch
@@ -22,7 +23,15 @@ from optimizers.base import BaseOptimizer
 from optimizers.comm import Communicator, process_group
 from optimizers.compiled import run_compiled
 from optimizers.newton_schulz import newton_schulz
-from optimizers.sharding import Block, block_rows, is_block_sharded, local_block, local_tensor
+from optimizers.sharding import (
+    Block,
+    block_rows,
+    first_matrix,
+    is_batch_sharded,
+    is_block_sharded,
+    local_block,
+    local_tensor,
+)
 
 
 def matrix_shape(p, flatten):
@@ -69,6 +78,25 @@ def row_blocks(group, rows):
     return None
 
 
+def run_overlapped(tasks, depth):
+    """Run the buckets' update tasks, keeping up to `depth` in flight: a task is a generator
+    that yields where it has launched an asynchronous collective, so that while one bucket's
+    collective runs, the next bucket computes (its Newton-Schulz), and it waits only when it
+    resumes. A task that is None already ran. Each bucket's arithmetic is the serial one, so
+    the results are bit-identical; and every rank launches its collectives in one order, the
+    tasks being resumed in a fixed rotation."""
+    queue, waiting = deque(task for task in tasks if task is not None), deque()
+    while queue or waiting:
+        while queue and len(waiting) < depth:
+            waiting.append(queue.popleft())
+        task = waiting.popleft()
+        try:
+            next(task)
+        except StopIteration:
+            continue
+        waiting.append(task)
+
+
 class Slot(NamedTuple):
     """One matrix, or batch of matrices, that an algorithm updates: a whole parameter, or one
     row block of a 2-D one (a head, or a block of `split_sizes`), which is then a matrix of its
@@ -82,6 +110,9 @@ class Slot(NamedTuple):
     state: dict
     blocks: list | None  # every rank's Block of it, when it is sharded over distributed_mesh
     salt: tuple  # () for a whole parameter, (first row,) for a row block
+    # Where its matrices start in the parameter's batch when this rank holds only some of
+    # them (a batch-sharded parameter), else None: no other rank shares their work.
+    first_matrix: int | None = None
 
 
 def native_bf16(device):
@@ -135,6 +166,8 @@ class MatrixOptimizer(BaseOptimizer):
             )
         super().__init__(params, defaults)
         self.use_triton = use_triton
+        # How many buckets are in flight at once (1: one after another; see run_overlapped).
+        self.overlap = 2
         self._warned_no_kernels = False
         self.compile = compile
         self._scalars = {}
@@ -143,19 +176,26 @@ class MatrixOptimizer(BaseOptimizer):
         # The data-parallel replicas of sharded matrices (HSDP's dp): they split the work.
         replicas = process_group(replicate_mesh)
         self.replicas = Communicator(replicas) if replicas is not None else None
-        sharded = [p for p in self._matrix_params() if isinstance(p, DTensor)]
-        for p in sharded:
-            if not self._shards_supported(p):
-                raise NotImplementedError(
-                    f"{type(self).__name__}: this sharding of a parameter is not supported "
-                    f"({p.ndim}-D, placements {p.placements}); sharded matrices must be 2-D blocks "
-                    "(Shard(0), Shard(1) or Replicate on each mesh dimension) with a distributed_mesh"
-                )
+        for group in self.param_groups:
+            if group["algorithm"] != self.algorithm_name():
+                continue
+            for p in group["params"]:
+                if isinstance(p, DTensor) and not self._shards_supported(p, group):
+                    raise NotImplementedError(
+                        f"{type(self).__name__}: this sharding of a parameter is not supported "
+                        f"({p.ndim}-D, placements {p.placements}); sharded matrices must be 2-D blocks "
+                        "(Shard(0), Shard(1) or Replicate on each mesh dimension) with a distributed_mesh, "
+                        "or batches of matrices split along dim 0 without flatten"
+                    )
+        sharded = [p for p in self._matrix_params() if isinstance(p, DTensor) and is_block_sharded(p)]
         self.blocks = self._gather_blocks(sharded) if sharded and self.comm is not None else {}
 
-    def _shards_supported(self, p):
+    def _shards_supported(self, p, group):
         """Whether the algorithm handles this DTensor parameter: 2-D blocks exchanged over
-        distributed_mesh, unless a subclass has its own sharded path."""
+        distributed_mesh, or a batch of whole matrices on each rank, unless a subclass has its
+        own sharded path."""
+        if is_batch_sharded(p):
+            return not group.get("flatten")
         return self.comm is not None and is_block_sharded(p)
 
     def _gather_blocks(self, params):
@@ -265,6 +305,7 @@ class MatrixOptimizer(BaseOptimizer):
             blocks = row_blocks(group, p.shape[0]) if p.ndim == 2 else None
             if blocks is None:
                 local_state = {k: local_tensor(v) for k, v in state.items()}
+                first = first_matrix(p) if is_batch_sharded(p) else None
                 slots.append(
                     Slot(
                         p,
@@ -274,6 +315,7 @@ class MatrixOptimizer(BaseOptimizer):
                         local_state,
                         self.blocks.get(p),
                         (),
+                        first,
                     )
                 )
                 continue
@@ -297,7 +339,9 @@ class MatrixOptimizer(BaseOptimizer):
         return slots
 
     def _update_bucket(self, group, slots):
-        """Update a list of Slots whose matrices all have the same shape."""
+        """Update a list of Slots whose matrices all have the same shape: a generator that
+        yields where it has launched a collective whose result it needs next (see
+        `run_overlapped`), or a plain function that runs at once."""
         raise NotImplementedError
 
     def _begin_step(self, group, params):
@@ -307,10 +351,9 @@ class MatrixOptimizer(BaseOptimizer):
         self._begin_step(group, params)
         buckets = {}
         for slot in self._slots(group, params):
-            sharded = slot.blocks is not None
-            buckets.setdefault((slot.shape, slot.weight.dtype, slot.weight.device, sharded), []).append(slot)
-        for bucket in buckets.values():
-            self._update_bucket(group, bucket)
+            kind = (slot.blocks is not None, slot.first_matrix is not None)
+            buckets.setdefault((slot.shape, slot.weight.dtype, slot.weight.device, kind), []).append(slot)
+        run_overlapped([self._update_bucket(group, bucket) for bucket in buckets.values()], self.overlap)
 
     def _orthonormalize_blocks(self, group, pieces, blocks, shape):
         """Newton-Schulz of whole matrices spread in blocks over the ranks of distributed_mesh,
@@ -322,17 +365,21 @@ class MatrixOptimizer(BaseOptimizer):
         orthonormalized twice.
         """
         if self.replicas is None or self.replicas.world_size == 1:
-            return self._exchange_blocks(group, pieces, blocks, shape)
+            return (yield from self._exchange_blocks(group, pieces, blocks, shape))
         replicas = self.replicas
         assigned = [list(range(d, len(pieces), replicas.world_size)) for d in range(replicas.world_size)]
         mine = assigned[replicas.rank]
-        done = self._exchange_blocks(group, [pieces[i] for i in mine], [blocks[i] for i in mine], shape)
+        done = yield from self._exchange_blocks(
+            group, [pieces[i] for i in mine], [blocks[i] for i in mine], shape
+        )
         sizes = [[blocks[i][self.comm.rank].numel for i in a] for a in assigned]
         longest = max(sum(size) for size in sizes)
         flat = pieces[0].new_zeros(longest)
         if done:
             flat[: sum(sizes[replicas.rank])] = torch.cat([d.reshape(-1) for d in done])
-        gathered = replicas.all_gather_stack(flat.unsqueeze(0), replicas.world_size)
+        pending = replicas.all_gather_stack(flat.unsqueeze(0), replicas.world_size, async_op=True)
+        yield
+        gathered = pending.wait()
         result = [None] * len(pieces)
         for d, indices in enumerate(assigned):
             parts = gathered[d, : sum(sizes[d])].split(sizes[d])
@@ -360,12 +407,15 @@ class MatrixOptimizer(BaseOptimizer):
         mine = owned[rank]
         device, out_dtype = pieces[0].device, pieces[0].dtype
         dtype = ns_dtype(group, device)
-        received = comm.exchange(
+        pending = comm.exchange(
             [[pieces[i] for i in owned[o]] for o in range(world)],
             [sum(blocks[j][s].numel for j in mine) for s in range(world)],
             out_dtype,
             device,
+            async_op=True,
         )
+        yield
+        received = pending.wait()
         full = torch.zeros(len(mine), *shape, dtype=out_dtype, device=device)
         for s, flat in enumerate(received):
             for x, (j, part) in enumerate(
@@ -385,21 +435,25 @@ class MatrixOptimizer(BaseOptimizer):
             [sum(blocks[i][rank].numel for i in owned[o]) for o in range(world)],
             dtype,
             device,
+            async_op=True,
         )
+        yield
+        back = back.wait()
         result = [None] * total
         for o, flat in enumerate(back):
             for i, part in zip(owned[o], flat.split([blocks[i][rank].numel for i in owned[o]]), strict=True):
                 result[i] = part.view(blocks[i][rank].rows, blocks[i][rank].cols).to(out_dtype)
         return result
 
-    def _orthonormalize(self, group, stacked):
+    def _orthonormalize(self, group, stacked, shared=True):
         """Newton-Schulz of a stack (B, m, n) of same-shape matrices, in the stack's dtype.
 
-        With a process group, the matrices are replicated on every rank: each rank
+        With a process group and `shared` matrices (replicated on every rank), each rank
         orthonormalizes its own contiguous share of the stack, and the shares are all-gathered
-        in the compute dtype, so no matrix is orthonormalized twice.
+        in the compute dtype, so no matrix is orthonormalized twice. Matrices that are this
+        rank's alone (a batch-sharded parameter's) are orthonormalized here.
         """
-        if self.comm is None or self.comm.world_size == 1:
+        if self.comm is None or self.comm.world_size == 1 or not shared:
             return self._newton_schulz(group, stacked)
         world, total = self.comm.world_size, stacked.size(0)
         share = math.ceil(total / world)
@@ -408,7 +462,9 @@ class MatrixOptimizer(BaseOptimizer):
             mine = torch.cat([mine, mine.new_zeros(share - len(mine), *stacked.shape[1:])])
         dtype = ns_dtype(group, stacked.device)
         ortho = self._newton_schulz(group, mine, out_dtype=dtype)
-        return self.comm.all_gather_stack(ortho, total).to(stacked.dtype)
+        pending = self.comm.all_gather_stack(ortho, total, async_op=True)
+        yield
+        return pending.wait().to(stacked.dtype)
 
     def _newton_schulz(self, group, x, out_dtype=None):
         """Newton-Schulz in the group's compute dtype, through the Triton kernels when they

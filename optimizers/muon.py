@@ -79,11 +79,12 @@ class Muon(MatrixOptimizer):
         shape = slots[0].shape
         if sharded:
             blocks = [s.blocks for s in slots]
-            updates = [u.unsqueeze(0) for u in self._orthonormalize_blocks(group, inputs, blocks, shape)]
+            done = yield from self._orthonormalize_blocks(group, inputs, blocks, shape)
+            updates = [u.unsqueeze(0) for u in done]
             row_starts = [b[self.comm.rank].row0 for b in blocks]
         else:
             stacked = torch.cat([as_matrices(u, flatten) for u in inputs])
-            ortho = self._orthonormalize(group, stacked)
+            ortho = yield from self._orthonormalize(group, stacked, shared=slots[0].first_matrix is None)
             updates = ortho.split([len(as_matrices(s.weight, flatten)) for s in slots])
             row_starts = [0] * len(slots)
         self._orthonormalized(group, states, updates, row_starts, shape, sharded)

@@ -5,6 +5,7 @@ import torch
 
 from optimizers.dion2 import Dion2
 from optimizers.normuon import normalize_rows
+from optimizers.sharding import per_matrix_zeros
 
 
 class NorDion2(Dion2):
@@ -68,7 +69,7 @@ class NorDion2(Dion2):
 
     def _new_matrix_state(self, p, group):
         state = super()._new_matrix_state(p, group)
-        state["row_second_moment"] = torch.zeros(state["last_selected"].shape, device=p.device)
+        state["row_second_moment"] = per_matrix_zeros(p, *state["last_selected"].shape)
         return state
 
     def _orthonormalized(self, group, states, chosen, runs, ortho, shape, sharded):

@@ -4,6 +4,7 @@ import torch
 
 from optimizers.matrix_optimizer import as_matrices
 from optimizers.muon import Muon
+from optimizers.sharding import per_matrix_zeros
 
 
 def normalize_rows(moment, squares, width, beta2, eps):
@@ -28,11 +29,8 @@ class NorMuon(Muon):
         super().__init__(params, *args, muon_beta2=muon_beta2, **kwargs)
 
     def _new_matrix_state(self, p, group):
-        rows = as_matrices(p, group["flatten"]).shape[:2]
-        return {
-            **super()._new_matrix_state(p, group),
-            "row_second_moment": torch.zeros(rows, device=p.device),
-        }
+        batch, rows = as_matrices(p, group["flatten"]).shape[:2]
+        return {**super()._new_matrix_state(p, group), "row_second_moment": per_matrix_zeros(p, batch, rows)}
 
     def _slot_state(self, state, rows, local_rows, slices):
         return {

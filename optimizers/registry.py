@@ -7,6 +7,8 @@ and checks from here, and the param groups build the optimizer through it.
 
 from typing import NamedTuple
 
+import torch
+
 from optimizers.adamw_lion import AdamWLion
 from optimizers.dion import Dion
 from optimizers.dion2 import Dion2
@@ -27,7 +29,16 @@ class OptimizerSpec(NamedTuple):
 
 
 COMMON = {"lr": "lr", "weight_decay": "weight_decay"}
-NEWTON_SCHULZ = {"use_polar_express": "use_polar_express", "use_triton": "use_triton", "compile": "compile"}
+NEWTON_SCHULZ = {
+    "use_polar_express": "use_polar_express",
+    "use_triton": "use_triton",
+    "ns_dtype": "ns_dtype",
+    "compile": "compile",
+}
+# Newton-Schulz's compute dtype as the config spells it; auto follows the hardware.
+NS_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Config values that reach the constructor as other objects.
+ARGUMENT_VALUES = {"ns_dtype": NS_DTYPES}
 MUON = {
     **COMMON,
     **NEWTON_SCHULZ,
@@ -101,7 +112,10 @@ def build_optimizer(name, param_groups, values, meshes=None):
     """Optimizer `name` over `param_groups`, its arguments taken from the config values
     {key: value} and its meshes from `meshes` ({mesh argument: mesh}, missing ones None)."""
     spec = OPTIMIZERS[name]
-    arguments = {argument: values[key] for key, argument in spec.arguments.items()}
+    arguments = {
+        argument: ARGUMENT_VALUES[key][values[key]] if key in ARGUMENT_VALUES else values[key]
+        for key, argument in spec.arguments.items()
+    }
     for mesh in spec.meshes:
         arguments[mesh] = (meshes or {}).get(mesh)
     return spec.cls(param_groups, **arguments)

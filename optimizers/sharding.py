@@ -4,7 +4,9 @@ block of the full matrix that each rank holds."""
 import math
 from typing import NamedTuple
 
+import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import zeros as distributed_zeros
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
@@ -52,6 +54,34 @@ def is_block_sharded(p):
     """Whether p is a matrix whose ranks each hold one rectangular block (Shard(0), Shard(1) or
     Replicate on every mesh dimension; no strided shards)."""
     return p.ndim == 2 and all(pl in (Shard(0), Shard(1), Replicate()) for pl in p.placements)
+
+
+def is_batch_sharded(p):
+    """Whether p is a batch of matrices (E, m, n) whose ranks each hold whole matrices: split
+    only along dim 0 (FSDP's Shard(0) of MoE experts), or replicated."""
+    return (
+        isinstance(p, DTensor)
+        and p.ndim == 3
+        and all(pl in (Shard(0), Replicate()) for pl in p.placements)
+        and any(pl.is_shard() for pl in p.placements)
+    )
+
+
+def first_matrix(p):
+    """The index, in the whole batch, of the first matrix of a batch-sharded p's local shard."""
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0]
+
+
+def per_matrix_zeros(p, batch, width, dtype=torch.float32):
+    """Zeros (batch, width): a row of state for each of p's `batch` matrices, on p's device.
+    For a batch-sharded p, a DTensor split like p, so that each rank keeps its own matrices'
+    rows and a checkpoint holds every rank's."""
+    if is_batch_sharded(p):
+        return distributed_zeros(
+            batch, width, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements
+        )
+    return torch.zeros(batch, width, dtype=dtype, device=p.device)
 
 
 def local_block(p):

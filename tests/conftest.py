@@ -55,9 +55,27 @@ def make_shards(folder, prefix, sizes, seed=0):
     return tokens
 
 
+def cuda_only_bf16(device):
+    """The tests' `native_bf16`: Newton-Schulz defaults to fp32 on every CPU, so that fp32's
+    tolerances hold on a CPU with native bf16 too (which would otherwise default to bf16)."""
+    return device.type == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _fp32_newton_schulz(monkeypatch):
+    import optimizers.matrix_optimizer as matrix_optimizer
+
+    monkeypatch.setattr(matrix_optimizer, "native_bf16", cuda_only_bf16)
+
+
 def train_argv(runs_dir, run_name, **overrides):
-    """The argv for a tiny in-process run under `runs_dir`."""
+    """The argv for a tiny in-process run under `runs_dir`, with Newton-Schulz in fp32 (the
+    processes torchrun starts run with it too)."""
+    from optimizers.registry import reads
+
     values = {**TINY, "runs_dir": str(runs_dir), "run_name": run_name, **overrides}
+    if reads(values["optimizer"], "ns_dtype"):
+        values.setdefault("ns_dtype", "fp32")
     return [item for k, v in values.items() for item in (f"--{k}", str(v))]
 
 
@@ -96,6 +114,9 @@ def torchrun(nproc, argv):
 def gloo(rank, world_size, init_file):
     """A gloo process group for one spawned worker. On success the ranks leave it together
     (a barrier, then destroy), so none closes its connections under a peer's collective."""
+    import optimizers.matrix_optimizer as matrix_optimizer
+
+    matrix_optimizer.native_bf16 = cuda_only_bf16  # a spawned worker does not inherit the fixture's
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         yield

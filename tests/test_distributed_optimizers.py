@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from optimizers import AdamWLion, Dion, Dion2, Muon, NorDion2, NorMuon
 from tests.conftest import gloo
@@ -29,8 +29,9 @@ CASES = {
 STEPS = 3
 
 
-def run_case(name, distributed_mesh=None):
-    """Build the case's parameters from a fixed seed, take STEPS steps; return the state."""
+def run_case(name, distributed_mesh=None, overlap=2):
+    """Build the case's parameters from a fixed seed, take STEPS steps with `overlap` buckets
+    in flight; return the state."""
     cls, kwargs = CASES[name]
     gen = torch.Generator().manual_seed(0)
     matrices = [torch.randn(s, generator=gen) for s in SHAPES]
@@ -40,6 +41,7 @@ def run_case(name, distributed_mesh=None):
         opt = cls(groups, lr=0.02)
     else:
         opt = cls(groups, lr=0.02, distributed_mesh=distributed_mesh, **kwargs)
+        opt.overlap = overlap
     for _ in range(STEPS):
         for p in [*matrices, vector]:
             p.grad = torch.randn(p.shape, generator=gen)
@@ -53,6 +55,8 @@ def worker(rank, world_size, init_file, names, out_dir):
         for name in names:
             result = run_case(name, distributed_mesh=dist.group.WORLD)
             torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
+            serial = run_case(name, distributed_mesh=dist.group.WORLD, overlap=1)
+            torch.save(serial, os.path.join(out_dir, f"{name}_serial_{rank}.pt"))
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
@@ -61,7 +65,10 @@ def distributed_results(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"ddp{world_size}")
     mp.spawn(worker, args=(world_size, str(out / "init"), list(CASES), str(out)), nprocs=world_size)
     return world_size, {
-        (name, rank): torch.load(out / f"{name}_{rank}.pt") for name in CASES for rank in range(world_size)
+        (name + kind, rank): torch.load(out / f"{name}{kind}_{rank}.pt")
+        for name in CASES
+        for kind in ("", "_serial")
+        for rank in range(world_size)
     }
 
 
@@ -92,6 +99,15 @@ def test_replicated_step_equals_single_process(distributed_results, name):
         atol = 1e-6 if name.startswith("nor") else 0
         assert_same(result["params"], single["params"], atol=atol)
         assert_same(result["state"], single["state"], atol=atol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_overlapped_buckets_equal_the_serial_order_bit_for_bit(distributed_results, name):
+    world_size, results = distributed_results
+    for rank in range(world_size):
+        assert_same(results[(name, rank)]["params"], results[(name + "_serial", rank)]["params"], atol=0)
+        assert_same(results[(name, rank)]["state"], results[(name + "_serial", rank)]["state"], atol=0)
 
 
 @pytest.mark.slow
@@ -175,7 +191,7 @@ def group_of(params, kwargs):
 DION2_SETTINGS = {Dion2: {"fraction": 0.3, "ef_decay": 0.9}, NorDion2: {"fraction": 0.3, "mu": 0.9}}
 
 
-def run_sharded(name, layout=None, mesh=None):
+def run_sharded(name, layout=None, mesh=None, overlap=2):
     """STEPS steps of a case on SHARDED_SHAPES, sharded as `layout` says over `mesh` (whole
     matrices in one process). Returns full weights and momenta, and what the test needs."""
     cls, kwargs = SHARDED_CASES[name]
@@ -199,6 +215,7 @@ def run_sharded(name, layout=None, mesh=None):
             replicas["replicate_mesh_grad_sync"] = False
         settings = {k: v for k, v in kwargs.items() if k not in GROUP_OPTIONS}
         opt = cls(group_of(params, kwargs), lr=0.02, distributed_mesh=optimizer_mesh, **replicas, **settings)
+        opt.overlap = overlap
     for step_grads in grads:
         for i, (p, g) in enumerate(zip(params, step_grads, strict=True)):
             p.grad = shard(g, i)
@@ -214,6 +231,20 @@ def run_sharded(name, layout=None, mesh=None):
     }
 
 
+# The sharded cases also run one bucket at a time, to compare with the overlapped run.
+SERIAL_CASES = ("normuon", "dion2_local_l1", "nordion2_split_global")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SERIAL_CASES)
+def test_overlapped_sharded_buckets_equal_the_serial_order_bit_for_bit(sharded_results, name):
+    layout, results = sharded_results
+    for rank in range(LAYOUTS[layout][0]):
+        overlapped, serial = results[(name, rank)], results[(name + "_serial", rank)]
+        assert_same(overlapped["params"], serial["params"], atol=0)
+        assert_same(overlapped["momentum"], serial["momentum"], atol=0)
+
+
 def full_moment(state):
     """A NorMuon or NorDion2 state's per-row second moment (replicated), else None."""
     return state.get("row_second_moment")
@@ -225,6 +256,10 @@ def layout_worker(rank, world_size, init_file, out_dir, layout):
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
         for name in SHARDED_CASES:
             torch.save(run_sharded(name, layout, mesh), os.path.join(out_dir, f"{name}_{rank}.pt"))
+        for name in SERIAL_CASES:
+            torch.save(
+                run_sharded(name, layout, mesh, overlap=1), os.path.join(out_dir, f"{name}_serial_{rank}.pt")
+            )
         if layout == "fsdp2xtp2":  # a mesh that holds only some of the blocks is refused
             p = distribute_tensor(torch.zeros(8, 8), mesh, [Shard(1), Shard(0)])
             try:
@@ -241,7 +276,7 @@ def sharded_results(request, tmp_path_factory):
     mp.spawn(layout_worker, args=(world_size, str(out / "init"), str(out), layout), nprocs=world_size)
     results = {
         (name, rank): torch.load(out / f"{name}_{rank}.pt")
-        for name in SHARDED_CASES
+        for name in [*SHARDED_CASES, *(f"{n}_serial" for n in SERIAL_CASES)]
         for rank in range(world_size)
     }
     if (out / "refused_0.pt").exists():
@@ -381,3 +416,62 @@ def test_compressed_sync_equals_the_synchronized_run(tmp_path):
             assert_same(result["momentum"], single["momentum"], atol=1e-6)
         # Between saves each replica keeps its own momentum.
         assert not torch.equal(results[0]["drifted"][0], results[1]["drifted"][0])
+
+
+# Batches of matrices (MoE experts) split along dim 0: each rank updates its own matrices, and
+# the result is the single-process one. 5 experts over 2 ranks: 3 and 2.
+BATCH_CASES = {
+    "muon": (Muon, {}),
+    "normuon": (NorMuon, {}),
+    "dion2_random": (Dion2, {"fraction": 0.3, "selection": "random"}),
+    "nordion2": (NorDion2, {"fraction": 0.3}),
+}
+
+
+def run_batch_sharded(name, mesh=None):
+    """STEPS steps on a (5, 12, 20) batch and a (12, 20) matrix, the batch Shard(0) over `mesh`."""
+    cls, kwargs = BATCH_CASES[name]
+    gen = torch.Generator().manual_seed(4)
+    fulls = [torch.randn(5, 12, 20, generator=gen), torch.randn(12, 20, generator=gen)]
+    grads = [[torch.randn(f.shape, generator=gen) for f in fulls] for _ in range(STEPS)]
+
+    # The matrix stays a plain tensor, replicated: its work is split over the ranks as under DDP.
+    def shard(t, i):
+        return t if mesh is None or i else distribute_tensor(t, mesh, [Shard(0)])
+
+    params = [shard(f, i) for i, f in enumerate(fulls)]
+    opt = cls(params, lr=0.02, distributed_mesh=mesh, **kwargs)
+    for step_grads in grads:
+        for i, (p, g) in enumerate(zip(params, step_grads, strict=True)):
+            p.grad = shard(g, i)
+        opt.step()
+
+    def full(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    return {
+        "params": [full(p) for p in params],
+        "moments": [
+            full(v) if (v := opt.state[p].get("row_second_moment")) is not None else None for p in params
+        ],
+        "stats": opt.selection_stats() if issubclass(cls, Dion2) else None,
+    }
+
+
+def batch_worker(rank, world_size, init_file, out_dir):
+    with gloo(rank, world_size, init_file):
+        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fs",))
+        for name in BATCH_CASES:
+            torch.save(run_batch_sharded(name, mesh), os.path.join(out_dir, f"{name}_{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_a_batch_sharded_along_dim_0_equals_single_process(tmp_path):
+    mp.spawn(batch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for name in BATCH_CASES:
+        single = run_batch_sharded(name)
+        for rank in range(2):
+            result = torch.load(tmp_path / f"{name}_{rank}.pt")
+            assert_same(result["params"], single["params"], atol=1e-6)
+            assert_same(result["moments"], single["moments"], atol=1e-6)
+            assert result["stats"] == single["stats"]

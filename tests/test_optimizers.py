@@ -409,6 +409,22 @@ def test_split_update_equals_the_blocks_as_separate_matrices(cls, kwargs):
     torch.testing.assert_close(whole, separate, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(("cls", "kwargs"), ROW_BLOCK_CLASSES)
+def test_a_batch_of_matrices_is_updated_as_its_matrices_one_by_one(cls, kwargs):
+    # A (3, 12, 20) parameter (three MoE experts), and its three matrices as parameters.
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randn(3, 12, 20, generator=gen)
+    matrices = [m.clone() for m in batch]
+    together, apart = cls([batch], lr=0.05, **kwargs), cls(matrices, lr=0.05, **kwargs)
+    for _ in range(3):
+        batch.grad = torch.randn(3, 12, 20, generator=gen)
+        for m, g in zip(matrices, batch.grad, strict=True):
+            m.grad = g.clone()
+        together.step()
+        apart.step()
+    torch.testing.assert_close(batch, torch.stack(matrices), atol=1e-6, rtol=0)
+
+
 def test_dion2_random_selection_draws_per_head():
     p = torch.randn(12, 20)
     opt = Dion2([{"params": [p], "num_heads": 3}], fraction=0.25, selection="random")
@@ -638,3 +654,19 @@ def test_cholesky_qr_of_a_rank_deficient_matrix_is_finite_and_spans_it():
     span = u[:, s > 0.5]  # the basis's directions of about unit length
     torch.testing.assert_close(span @ (span.T @ p[0]), p[0], atol=1e-4, rtol=0)
     assert not orthonormalize_columns(torch.zeros(1, 8, 4), "cholesky_qr").any()
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(False, False, torch.float32), (True, False, torch.bfloat16), (False, True, torch.bfloat16)],
+)
+def test_newton_schulz_defaults_to_bf16_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, expected):
+    from optimizers.matrix_optimizer import default_ns_dtype
+
+    monkeypatch.undo()  # the tests' fp32 default off: the rule itself is under test
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert default_ns_dtype(torch.device("cpu")) == expected
+    assert default_ns_dtype(torch.device("cuda")) == torch.bfloat16
+    p = torch.zeros(4, 4)
+    assert Muon([p]).param_groups[0]["ns_dtype"] is None  # None: the device's default, at each step

@@ -13,6 +13,7 @@ from training.param_groups import (
     build_optimizer,
     build_param_groups,
     check_param_groups,
+    newton_schulz_note,
     selection_metrics,
 )
 
@@ -167,3 +168,19 @@ def test_per_head_puts_q_k_v_in_a_group_cut_into_heads(model, optimizer):
     opt.step()  # each head is its own matrix: nothing in the shapes refuses it
     with pytest.raises(ConfigError, match="ortho_per_head true is not read by optimizer dion"):
         config("--optimizer", "dion", "--ortho_per_head", "true")
+
+
+def test_ns_dtype_reaches_the_optimizer_and_is_said_at_the_start(model):
+    cpu = torch.device("cpu")
+    cfg = config("--optimizer", "nordion2", "--ns_dtype", "bf16")
+    assert build_optimizer(build_param_groups(model, cfg), cfg).param_groups[0]["ns_dtype"] == torch.bfloat16
+    assert newton_schulz_note(cfg, cpu) == "Newton-Schulz in bf16 on cpu (ns_dtype)"
+    # auto: the tests make every CPU one without native bf16 (see conftest)
+    cfg = config("--optimizer", "muon")
+    assert build_optimizer(build_param_groups(model, cfg), cfg).param_groups[0]["ns_dtype"] is None
+    assert (
+        newton_schulz_note(cfg, cpu) == "Newton-Schulz in fp32 on cpu (ns_dtype auto: it has no native bf16)"
+    )
+    assert newton_schulz_note(config("--optimizer", "dion"), cpu) is None
+    with pytest.raises(ConfigError, match="ns_dtype fp32 is not read by optimizer dion"):
+        config("--optimizer", "dion", "--ns_dtype", "fp32")

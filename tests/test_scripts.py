@@ -173,7 +173,7 @@ def fake_dion(tmp_path):
 
 def test_bench_optimizer_against_a_reference_prints_every_pair_and_ratio(fake_dion, capsys):
     argv = ["--against", str(fake_dion), "--model_dims", "16", "--n_layer", "1", "--steps", "1"]
-    bench_optimizer([*argv, "--warmup", "1", "--no-compiled"])
+    bench_optimizer([*argv, "--warmup", "1"])
     out = capsys.readouterr().out
     for name in ("muon", "normuon", "dion2", "nordion2"):
         assert re.search(rf"^\s+16 {name}\s+(\s+[\d.]+\s+[\d.]+\s+[\d.]+x){{2}}$", out, flags=re.M), name

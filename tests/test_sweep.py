@@ -177,7 +177,7 @@ def test_shipped_sweep_files_load():
     for scale in ("304m", "1b"):
         _, runs = load_sweep(REPO / "configs" / "sweeps" / f"paper_{scale}.yaml", REPO / "runs")
         optimizers = {cfg.optimizer for _, _, cfg in runs}
-        assert optimizers == {"muon", "normuon", "dion", "dion2"}
+        assert optimizers == {"muon", "normuon", "dion", "dion2", "nordion2"}
         dion2 = {(cfg.ortho_fraction, cfg.selection) for _, _, cfg in runs if cfg.optimizer == "dion2"}
         assert {(f, s) for f in (0.5, 0.25, 0.125) for s in ("l1", "random")} <= dion2
 

@@ -16,7 +16,7 @@ import yaml
 
 from optimizers.hyperparameters import CHOICES as HYPERPARAMETER_CHOICES
 from optimizers.hyperparameters import choice_text
-from optimizers.registry import OPTIMIZER_KEYS, OPTIMIZERS, check_values, reads
+from optimizers.registry import NS_DTYPES, OPTIMIZER_KEYS, OPTIMIZERS, check_values, reads
 from optimizers.scalar import SCALAR_ALGORITHMS
 from training.exit_codes import ExitCode
 from training.preemption import SIGNALS, parse_signals
@@ -87,6 +87,11 @@ class TrainConfig:
     cautious_wd: bool = key(False, "weight decay only where update and weight agree in sign (Muon, NorMuon)")
     use_polar_express: bool = key(
         True, "Newton-Schulz with Polar Express coefficients, or the classic quintic"
+    )
+    ns_dtype: str = key(
+        "auto",
+        "Newton-Schulz's compute dtype: `auto` (bf16 on CUDA and on CPUs with native bf16, fp32 "
+        "elsewhere), `bf16` or `fp32`",
     )
     muon_beta2: float = key(0.95, "the per-neuron second-moment decay of NorMuon and NorDion2")
     ortho_per_head: bool = key(
@@ -171,6 +176,7 @@ CHOICES = {
     "optimizer": tuple(OPTIMIZERS),
     "scalar_opt": SCALAR_ALGORITHMS,
     "precision": PRECISIONS,
+    "ns_dtype": tuple(NS_DTYPES),
     **{
         key: HYPERPARAMETER_CHOICES[argument]
         for spec in OPTIMIZERS.values()
@@ -312,7 +318,7 @@ def validate(cfg):
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be a multiple of device_batch_size {cfg.device_batch_size}"
         )
-    for key in ("optimizer", "scalar_opt", "precision"):
+    for key in ("optimizer", "scalar_opt", "precision", "ns_dtype"):
         if getattr(cfg, key) not in CHOICES[key]:
             raise ConfigError(f"{key} must be one of {choice_text(CHOICES[key])}, got '{getattr(cfg, key)}'")
     foreign = foreign_keys(cfg)

@@ -81,20 +81,26 @@ def check_param_groups(model, groups, matrix_algorithm):
         raise ParamGroupError(f"parameters in no optimizer group: {', '.join(missing)}")
 
 
-def describe_param_groups(groups, device=None):
-    """One line per group: role, algorithm, tensor count, parameter count, lr and weight decay;
-    and, when a group orthonormalizes by Newton-Schulz on `device`, the dtype it runs in."""
-    lines = [
+def describe_param_groups(groups):
+    """One line per group: role, algorithm, tensor count, parameter count, lr and weight decay."""
+    return [
         f"{g['role']:>9}: {g['algorithm']:>8}, {len(g['params']):3d} tensors, "
         f"{sum(p.numel() for p in g['params']):>12,} params, lr {g['base_lr']:g}, "
         f"weight_decay {g['weight_decay']:g}"
         for g in groups
     ]
-    if device is not None and any(registry.uses_newton_schulz(g["algorithm"]) for g in groups):
-        dtype = default_ns_dtype(device)
-        why = "it has native bf16" if dtype == torch.bfloat16 else "it has no native bf16"
-        lines.append(f"Newton-Schulz in {str(dtype).removeprefix('torch.')} on {device} ({why})")
-    return lines
+
+
+def newton_schulz_note(cfg, device):
+    """The line that says in which dtype the optimizer's Newton-Schulz runs on `device`, and
+    why; None for an optimizer without one."""
+    if not registry.reads(cfg.optimizer, "ns_dtype"):
+        return None
+    if cfg.ns_dtype != "auto":
+        return f"Newton-Schulz in {cfg.ns_dtype} on {device} (ns_dtype)"
+    if default_ns_dtype(device) == torch.bfloat16:
+        return f"Newton-Schulz in bf16 on {device} (ns_dtype auto: it has native bf16)"
+    return f"Newton-Schulz in fp32 on {device} (ns_dtype auto: it has no native bf16)"
 
 
 def build_optimizer(groups, cfg, meshes=None):
