@@ -18,6 +18,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
+from optimizers.hyperparameters import check_compressed_sync
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, row_blocks
 from optimizers.sharding import Block, per_matrix_zeros
 
@@ -194,12 +195,9 @@ class Dion2(MatrixOptimizer):
         }
         super().__init__(params, defaults, distributed_mesh, use_triton, replicate_mesh, compile)
         if self.replicas is not None and replicate_mesh_grad_sync:
-            mine = [g for g in self.param_groups if g["algorithm"] == self.algorithm_name()]
-            if any(g["selection"] != "random" for g in mine):
-                raise ValueError(
-                    "replicate_mesh_grad_sync needs selection='random': every replica must select the "
-                    "same slices without the full momentum"
-                )
+            for group in self.param_groups:
+                if group["algorithm"] == self.algorithm_name():
+                    check_compressed_sync(group["selection"])
             self.compressed = True
 
     @staticmethod

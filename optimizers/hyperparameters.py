@@ -72,3 +72,13 @@ def check_value(name, value, shown=None):
         raise ValueError(f"{shown} must {RANGES[name]}, got {value}")
     if name in CHOICES and value not in CHOICES[name]:
         raise ValueError(f"{shown} must be one of {choice_text(CHOICES[name])}, got '{value}'")
+
+
+def check_compressed_sync(selection):
+    """Raise ValueError unless a selection can run under compressed sync (random only: with
+    l1, each replica would select by its own momentum, and the replicas would disagree)."""
+    if selection != "random":
+        raise ValueError(
+            f"replicate_mesh_grad_sync needs selection random, got selection {selection}: l1 selects by "
+            "the full momentum, which no replica holds"
+        )

@@ -83,8 +83,9 @@ def run_overlapped(tasks, depth):
     that yields where it has launched an asynchronous collective, so that while one bucket's
     collective runs, the next bucket computes (its Newton-Schulz), and it waits only when it
     resumes. A task that is None already ran. Each bucket's arithmetic is the serial one, so
-    the results are bit-identical; and every rank launches its collectives in one order, the
-    tasks being resumed in a fixed rotation."""
+    the results are bit-identical. Every rank launches its collectives in one order, the tasks
+    being resumed in a fixed rotation, as long as each task yields as often on every rank,
+    also where a rank has nothing to send."""
     queue, waiting = deque(task for task in tasks if task is not None), deque()
     while queue or waiting:
         while queue and len(waiting) < depth:
@@ -402,6 +403,11 @@ class MatrixOptimizer(BaseOptimizer):
         comm = self.comm
         world, rank, total = comm.world_size, comm.rank, len(pieces)
         if not total:
+            # No exchange, but the same two yields as one: every rank must resume the buckets
+            # in one order, or the collectives of different process groups (HSDP's fs and dp)
+            # would be launched in different orders on different replicas, and deadlock.
+            yield
+            yield
             return []
         owned = [list(range(o, total, world)) for o in range(world)]
         mine = owned[rank]

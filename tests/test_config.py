@@ -84,7 +84,7 @@ def test_string_keys_keep_the_text():
         (["--selection", "top"], "selection must be one of l1, random, got 'top'"),
         (
             ["--replicate_mesh_grad_sync", "true"],
-            "replicate_mesh_grad_sync with optimizer dion2 needs selection random \\(got selection l1\\)",
+            "optimizer dion2: replicate_mesh_grad_sync needs selection random, got selection l1",
         ),
         (
             ["--replicate_mesh_grad_sync", "true", "--optimizer", "dion", "--grad_clip", "1"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from optimizers.hyperparameters import CHOICES as HYPERPARAMETER_CHOICES
-from optimizers.hyperparameters import choice_text
+from optimizers.hyperparameters import check_compressed_sync, choice_text
 from optimizers.registry import NS_DTYPES, OPTIMIZER_KEYS, OPTIMIZERS, check_values, reads
 from optimizers.scalar import SCALAR_ALGORITHMS
 from training.exit_codes import ExitCode
@@ -337,11 +337,11 @@ def validate(cfg):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0 or null, got {getattr(cfg, key)}")
     if cfg.replicate_mesh_grad_sync:
-        if reads(cfg.optimizer, "selection") and cfg.selection != "random":
-            raise ConfigError(
-                f"replicate_mesh_grad_sync with optimizer {cfg.optimizer} needs selection random (got "
-                f"selection {cfg.selection}): l1 needs the full momentum"
-            )
+        if reads(cfg.optimizer, "selection"):
+            try:
+                check_compressed_sync(cfg.selection)
+            except ValueError as e:
+                raise ConfigError(f"optimizer {cfg.optimizer}: {e}") from None
         if cfg.grad_clip:
             raise ConfigError(
                 f"grad_clip {cfg.grad_clip} cannot be used with replicate_mesh_grad_sync: the replicas never "
