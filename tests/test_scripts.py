@@ -177,7 +177,9 @@ def test_bench_optimizer_against_a_reference_prints_every_pair_and_ratio(fake_di
     out = capsys.readouterr().out
     for name in ("muon", "normuon", "dion2", "nordion2"):
         assert re.search(rf"^\s+16 {name}\s+(\s+[\d.]+\s+[\d.]+\s+[\d.]+x){{2}}$", out, flags=re.M), name
-    assert re.search(r"muon step / its NS matmuls [\d.]+ \(target <= 1.3\), dion2 0.25 / muon [\d.]+", out)
+    assert re.search(
+        r"interleaved\): muon step / its NS matmuls [\d.]+ \(target <= 1.3\), dion2 0.25 / muon", out
+    )
 
 
 def test_compare_reference_passes_on_the_same_rules_and_refuses_a_bad_path(fake_dion, capsys, tmp_path):
