@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from data.loader import DataError, TokenLoader, ValidationData, find_shards
-from data.shards import EOT_TOKEN, ShardError
-from data.tokenizer import gpt2_encoding
+from data.shards import ShardError
+from data.tokenizer import TOKENIZERS
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -25,7 +25,8 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from training.config import ConfigError, command_line, to_dict, to_yaml
+from training.config import KEYS, ConfigError, command_line, to_dict, to_yaml
+from training.diagnostics import Diagnostics
 from training.distributed import mean_over_ranks, process_group
 from training.exit_codes import ExitCode
 from training.host_memory import keep_freed_memory
@@ -38,7 +39,6 @@ from training.param_groups import (
     build_param_groups,
     describe_param_groups,
     newton_schulz_note,
-    selection_metrics,
 )
 from training.precision import bf16_autocast
 from training.preemption import PreemptionHandler, parse_signals
@@ -50,7 +50,7 @@ USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, ParamGroupEr
 # Errors that every rank raises alike, so the ranks can still leave the process group together.
 AGREED_ERRORS = (*USER_ERRORS, NonFiniteError)
 # Keys that shape the weights or the optimizer state: a checkpoint only resumes into the same values.
-RESUME_KEYS = ("model_dim", "n_layer", "n_head", "sequence_length", "optimizer", "scalar_opt")
+RESUME_KEYS = ("tokenizer", "model_dim", "n_layer", "n_head", "sequence_length", "optimizer", "scalar_opt")
 
 
 @torch.no_grad()
@@ -95,14 +95,17 @@ def train(cfg, layout, ctx, preemption):
     resume_path, passed_over = resolve_resume(cfg.resume, run_dir)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     if checkpoint is not None:
-        changed = [k for k in RESUME_KEYS if checkpoint["config"][k] != getattr(cfg, k)]
+        # A checkpoint written before a key existed ran at that key's default.
+        saved = {k: checkpoint["config"].get(k, KEYS[k].default) for k in RESUME_KEYS}
+        changed = [k for k in RESUME_KEYS if saved[k] != getattr(cfg, k)]
         if changed:
             raise CheckpointError(
                 f"checkpoint {resume_path} has a different {changed[0]} "
-                f"({checkpoint['config'][changed[0]]}, config says {getattr(cfg, changed[0])})"
+                f"({saved[changed[0]]}, config says {getattr(cfg, changed[0])})"
             )
 
     # Data: the train stream and the fixed validation prefix, split over the dp x fs ranks.
+    tokenizer = TOKENIZERS[cfg.tokenizer]
     loader = TokenLoader(
         find_shards(cfg.data_dir, "train"),
         cfg.device_batch_size,
@@ -110,6 +113,7 @@ def train(cfg, layout, ctx, preemption):
         batch_rank,
         batch_ranks,
         ctx.device,
+        tokenizer.vocab_size,
     )
     val_data = ValidationData(
         find_shards(cfg.data_dir, "val"),
@@ -119,6 +123,7 @@ def train(cfg, layout, ctx, preemption):
         batch_rank,
         batch_ranks,
         ctx.device,
+        tokenizer.vocab_size,
     )
     if ctx.is_main:
         print(to_yaml(cfg), end="")
@@ -175,13 +180,18 @@ def train(cfg, layout, ctx, preemption):
     autocast = bf16_autocast(cfg.precision, ctx.device)
     tp_mesh = mesh["tp"] if layout.tp_enabled else None
     tokens_per_step = cfg.batch_size * cfg.sequence_length
+    diagnostics = Diagnostics(model, optimizer, cfg.diagnostics_every)
     # The progress bar goes to stdout, so that stderr holds only warnings and errors.
     with tqdm(
         total=cfg.num_iterations, initial=step, disable=not ctx.is_main, dynamic_ncols=True, file=sys.stdout
     ) as bar:
         while step < cfg.num_iterations:
             start = time.perf_counter()
+            last = step + 1 == cfg.num_iterations
+            measured = diagnostics.due(step + 1, last)
             train_loss = accumulate_gradients(forward, loader.next_batch, accum_steps, autocast)
+            if measured:
+                diagnostics.before_step()
             lr_scale = lr_multiplier(step, cfg.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio)
             outcome = apply_gradients(
                 model,
@@ -212,11 +222,10 @@ def train(cfg, layout, ctx, preemption):
                     if ctx.is_main:
                         logger.log(record)
                     raise NonFiniteError(step, outcome, cfg.max_skipped_steps)
-            last = step == cfg.num_iterations
             if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
                 record["val_loss"] = evaluate(model, val_data, autocast, ctx)
-            if cfg.diagnostics_every and (last or step % cfg.diagnostics_every == 0):
-                record.update(selection_metrics(optimizer))
+            if measured:
+                record.update(diagnostics.after_step())
             if ctx.is_main:
                 logger.log(record)
                 bar.update()
@@ -236,12 +245,12 @@ def train(cfg, layout, ctx, preemption):
         return ExitCode.PREEMPTED
     if cfg.sample_tokens:
         # Every rank samples the same tokens (sharded weights need all ranks); rank 0 prints.
-        prompt = torch.tensor([[EOT_TOKEN]], device=ctx.device)
+        prompt = torch.tensor([[tokenizer.eot]], device=ctx.device)
         generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
         with autocast:
             sample = model.generate(prompt, cfg.sample_tokens, top_k=200, generator=generator)
         if ctx.is_main:
-            print(f"sample:\n{gpt2_encoding()[0].decode(sample[0, 1:].tolist())}")
+            print(f"sample:\n{tokenizer.decode(sample[0, 1:].tolist())}")
     return ExitCode.FINISHED
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.shards import load_tokens, read_header
+from data.shards import ShardError, load_tokens, read_header
 
 
 class DataError(ValueError):
@@ -26,6 +26,18 @@ def find_shards(data_dir, split):
     return paths
 
 
+def checked_tokens(path, vocab_size):
+    """The tokens of the shard at `path`, every id checked against the tokenizer's `vocab_size`
+    (None: unchecked): a shard of another tokenizer fails here, not deep inside the embedding."""
+    tokens = load_tokens(path)
+    if vocab_size is not None and (largest := int(tokens.max())) >= vocab_size:
+        raise ShardError(
+            f"shard {path} holds token id {largest}, outside the tokenizer's {vocab_size} ids: "
+            "set `tokenizer` to the one its data was made with"
+        )
+    return tokens
+
+
 def _to_batch(tokens, batch_size, sequence_length, device):
     buf = torch.from_numpy(tokens.astype(np.int64))
     x = buf[:-1].view(batch_size, sequence_length)
@@ -38,8 +50,11 @@ class TokenLoader:
     global batch of `world_size * batch_size` sequences; `state_dict()` is the position of the
     next batch, so a run restored from it continues with exactly that batch."""
 
-    def __init__(self, paths, batch_size, sequence_length, rank=0, world_size=1, device="cpu"):
+    def __init__(
+        self, paths, batch_size, sequence_length, rank=0, world_size=1, device="cpu", vocab_size=None
+    ):
         self.paths = list(paths)
+        self.vocab_size = vocab_size
         self.batch_size, self.sequence_length = batch_size, sequence_length
         self.rank, self.world_size, self.device = rank, world_size, device
         self.local_tokens = batch_size * sequence_length
@@ -54,7 +69,7 @@ class TokenLoader:
                     f"{batch_size} x sequence_length {sequence_length} + 1)"
                 )
         self.shard, self.pos = 0, 0
-        self.tokens = load_tokens(self.paths[0])
+        self.tokens = checked_tokens(self.paths[0], vocab_size)
 
     def state_dict(self):
         """The position of the next batch."""
@@ -67,14 +82,14 @@ class TokenLoader:
                 f"loader state names shard {state['shard']}, but only {len(self.paths)} shards exist"
             )
         self.shard, self.pos = state["shard"], state["pos"]
-        self.tokens = load_tokens(self.paths[self.shard])
+        self.tokens = checked_tokens(self.paths[self.shard], self.vocab_size)
 
     def next_batch(self):
         """Return this rank's (input, target) pair, each batch_size x sequence_length int64."""
         if self.pos + self.global_tokens > len(self.tokens):
             self.shard = (self.shard + 1) % len(self.paths)
             self.pos = 0
-            self.tokens = load_tokens(self.paths[self.shard])
+            self.tokens = checked_tokens(self.paths[self.shard], self.vocab_size)
         start = self.pos + self.rank * self.local_tokens
         chunk = self.tokens[start : start + self.local_tokens + 1]
         self.pos += self.global_tokens - 1
@@ -85,7 +100,17 @@ class ValidationData:
     """The first `val_tokens` tokens of the val shards, the same fixed prefix every time,
     split over the ranks. Iterating yields this rank's (input, target) batches."""
 
-    def __init__(self, paths, val_tokens, batch_size, sequence_length, rank=0, world_size=1, device="cpu"):
+    def __init__(
+        self,
+        paths,
+        val_tokens,
+        batch_size,
+        sequence_length,
+        rank=0,
+        world_size=1,
+        device="cpu",
+        vocab_size=None,
+    ):
         step_tokens = world_size * batch_size * sequence_length
         if val_tokens <= 0 or val_tokens % step_tokens:
             raise DataError(
@@ -97,7 +122,7 @@ class ValidationData:
             raise DataError(f"val_tokens {val_tokens} exceeds the {available} tokens of the val shards")
         parts, missing = [], val_tokens + 1
         for path in paths:
-            parts.append(np.array(load_tokens(path)[:missing]))
+            parts.append(np.array(checked_tokens(path, vocab_size)[:missing]))
             missing -= len(parts[-1])
             if missing == 0:
                 break

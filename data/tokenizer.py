@@ -1,7 +1,10 @@
-"""The GPT-2 tokenizer, built offline from a local copy of its BPE ranks when possible."""
+"""The tokenizers a run can name (`tokenizer` key): GPT-2's BPE, built offline from a local copy
+of its ranks when possible, and raw UTF-8 bytes."""
 
 import hashlib
 import importlib.util
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import tiktoken
@@ -29,6 +32,11 @@ def _verified(path):
     return path
 
 
+@cache
+def _gpt2_decoder():
+    return gpt2_encoding()[0]
+
+
 def gpt2_encoding(ranks_path=None):
     """Return (encoding, source): GPT-2's tiktoken encoding and where its ranks came from.
 
@@ -49,3 +57,37 @@ def gpt2_encoding(ranks_path=None):
     if ranks_path is not None:
         raise FileNotFoundError(f"GPT-2 ranks file {ranks_path} does not exist")
     return tiktoken.get_encoding("gpt2"), "tiktoken's gpt2 (downloaded or cached)"
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """What a run needs of a tokenizer: how many ids it has, the id that starts each document,
+    and how ids read as text."""
+
+    vocab_size: int
+    eot: int
+    decode_ids: object
+
+    def decode(self, ids):
+        """The text of `ids`."""
+        return self.decode_ids(ids)
+
+
+# Byte 0 never occurs in text, so it marks where each document starts.
+BYTES_EOT = 0
+
+
+def encode_bytes(text):
+    """One document as byte ids: the separator, then the text's UTF-8 bytes."""
+    return [BYTES_EOT, *text.encode("utf-8")]
+
+
+def _decode_bytes(ids):
+    return bytes(i for i in ids if i != BYTES_EOT).decode("utf-8", errors="replace")
+
+
+TOKENIZERS = {
+    "gpt2": Tokenizer(EOT_TOKEN + 1, EOT_TOKEN, lambda ids: _gpt2_decoder().decode(ids)),
+    # 256 ids: the embedding and lm_head are tiny, so the hidden matrices carry the compute.
+    "bytes": Tokenizer(256, BYTES_EOT, _decode_bytes),
+}

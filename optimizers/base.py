@@ -17,6 +17,7 @@ class BaseOptimizer(torch.optim.Optimizer):
         # A parameter's position in the optimizer: the same on every rank and every run, so
         # per-parameter seeds derived from it agree everywhere.
         self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        self._orthogonality = None
         for group in self.param_groups:
             self._check_group(group)
             for p in group["params"]:
@@ -49,6 +50,25 @@ class BaseOptimizer(torch.optim.Optimizer):
 
     def synchronize_for_checkpoint(self):
         """Make the state equal on every replica before a save (nothing to do here)."""
+
+    def capture_orthogonality(self):
+        """Have the next step measure, for each shape that Newton-Schulz orthonormalizes, the
+        first such matrix's distance from orthonormal; `orthogonality_errors()` returns them
+        (none for an algorithm without Newton-Schulz)."""
+        self._orthogonality = {}
+
+    def orthogonality_errors(self):
+        """{(rows, cols): largest |sigma - 1|} of the step after `capture_orthogonality()`, then
+        capturing stops. Each rank measures the first matrix it orthonormalized of each shape:
+        on rank 0, the first of that shape's first bucket, as in one process."""
+        errors, self._orthogonality = self._orthogonality or {}, None
+        return errors
+
+    def momentum_buffer(self, p):
+        """The momentum of parameter p: the matrix algorithms' `momentum`, AdamW's and Lion's
+        `exp_avg`."""
+        state = self.state[p]
+        return state["momentum"] if "momentum" in state else state["exp_avg"]
 
     def _new_state(self, p, group):
         if group["algorithm"] in SCALAR_ALGORITHMS:

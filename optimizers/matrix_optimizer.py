@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from optimizers.base import BaseOptimizer
 from optimizers.comm import Communicator, process_group
 from optimizers.compiled import run_compiled
-from optimizers.newton_schulz import newton_schulz
+from optimizers.newton_schulz import newton_schulz, orthogonality_error
 from optimizers.sharding import (
     Block,
     block_rows,
@@ -488,9 +488,16 @@ class MatrixOptimizer(BaseOptimizer):
                     "(no CUDA, TRITON_INTERPRET unset): using the PyTorch Newton-Schulz",
                     stacklevel=3,
                 )
+        polar = group["use_polar_express"]
         if self.compile and not use_triton:  # the kernels run as they are, uncompiled
-            return run_compiled(newton_schulz, x, group["use_polar_express"], dtype, out_dtype)
-        return newton_schulz(x, group["use_polar_express"], dtype, out_dtype=out_dtype, use_triton=use_triton)
+            out = run_compiled(newton_schulz, x, polar, dtype, out_dtype)
+        else:
+            out = newton_schulz(x, polar, dtype, out_dtype=out_dtype, use_triton=use_triton)
+        shape = tuple(x.shape[-2:])
+        # A rank whose share is only padding holds zero matrices: nothing to measure there.
+        if self._orthogonality is not None and shape not in self._orthogonality and bool(x[0].any()):
+            self._orthogonality[shape] = orthogonality_error(out[0])
+        return out
 
     def _run(self, fn, *args):
         """fn(*args), compiled per input signature when the optimizer compiles."""

@@ -84,3 +84,8 @@ def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None
         X = torch.baddbmm(X, products(X, b, c), X, beta=a, alpha=1.0)
     X = X.reshape(*batch_shape, *X.shape[-2:])
     return (X.mT if tall else X).to(out_dtype or x.dtype)
+
+
+def orthogonality_error(x):
+    """How far the matrix x is from orthonormal: the largest |sigma - 1| over its singular values."""
+    return (torch.linalg.svdvals(x.float()) - 1).abs().max().item()

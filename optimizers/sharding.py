@@ -1,10 +1,11 @@
-"""How a parameter is split over ranks: the local tensor of a DTensor, and the rectangular
-block of the full matrix that each rank holds."""
+"""How a parameter is split over ranks: the local tensor of a DTensor, the rectangular block
+of the full matrix that each rank holds, and norms of whole tensors from their pieces."""
 
 import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor import zeros as distributed_zeros
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -48,6 +49,23 @@ def distinct_shards(t):
     if not isinstance(t, DTensor):
         return 1
     return math.prod(t.device_mesh.size(i) for i, pl in enumerate(t.placements) if pl.is_shard())
+
+
+def global_squared_norms(tensors, placed_like=None):
+    """The squared l2 norm of each tensor, whole over all ranks, the same on every rank: a 1-D
+    fp32 tensor. Every rank sums the squares of its local pieces, each weighted by (distinct
+    pieces / world size) so that copies held by several ranks count once, and one all-reduce
+    over all ranks adds them up; tensors may live on different meshes. `placed_like[i]`, when
+    given, is the DTensor (or plain tensor) split as tensors[i], which may be a local piece."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    norms = torch._foreach_norm([local_tensor(t) for t in tensors], dtype=torch.float32)
+    # The weights multiply as Python numbers: a tensor of them would be a host-to-device copy,
+    # which waits for the device's queue, every step.
+    weights = [distinct_shards(t) / world for t in (tensors if placed_like is None else placed_like)]
+    squares = torch.stack(torch._foreach_mul(torch._foreach_mul(norms, norms), weights))
+    if world > 1:
+        dist.all_reduce(squares)
+    return squares
 
 
 def is_block_sharded(p):

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from models.flops import training_flops
 from models.gpt_model import GPTConfig
 from scripts.timing import synchronize
 from training.config import CHOICES, ConfigError, load_config_for
@@ -65,15 +66,6 @@ def peak_tflops(device, override):
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
-
-
-def flops_per_token(model, cfg):
-    """Training FLOPs per token: 6 per weight of every matmul (the embedding lookup is none),
-    plus the attention scores and their weighted sum, 12 x layers x width x sequence."""
-    matmul_weights = sum(
-        p.numel() for name, p in model.named_parameters() if p.ndim == 2 and name != "embed.weight"
-    )
-    return 6 * matmul_weights + 12 * cfg.n_layer * cfg.model_dim * cfg.sequence_length
 
 
 def measure(argv, optimizer, steps, warmup, peak_override):
@@ -125,7 +117,7 @@ def measure(argv, optimizer, steps, warmup, peak_override):
         "forward_backward": statistics.median(backward_times),
         "optimizer": statistics.median(optimizer_times),
         "tokens_per_step": cfg.batch_size * cfg.sequence_length,
-        "flops_per_token": flops_per_token(model, cfg),
+        "flops_per_token": sum(training_flops(model).values()),
         "peak_bytes": peak_bytes,
         "peak_tflops": peak_tflops(device, peak_override),
         "final_loss": outcome.train_loss,

@@ -8,13 +8,13 @@ import torch
 from models.gpt_model import GPT, GPTConfig
 from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
 from training.config import ConfigError, load_config
+from training.diagnostics import selection_metrics
 from training.param_groups import (
     ParamGroupError,
     build_optimizer,
     build_param_groups,
     check_param_groups,
     newton_schulz_note,
-    selection_metrics,
 )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from data.tokenizer import TOKENIZERS
 from optimizers.hyperparameters import CHOICES as HYPERPARAMETER_CHOICES
 from optimizers.hyperparameters import check_compressed_sync, choice_text
 from optimizers.registry import NS_DTYPES, OPTIMIZER_KEYS, OPTIMIZERS, check_values, reads
@@ -37,6 +38,9 @@ class TrainConfig:
 
     # data and run
     data_dir: str = key("data/shakespeare", "folder of `*_train_*.bin` and `*_val_*.bin` shards")
+    tokenizer: str = key(
+        "gpt2", "the ids of the shards: `gpt2` (50,257 BPE ids) or `bytes` (256 ids, one per UTF-8 byte)"
+    )
     run_name: str | None = key(None, "output folder `runs_dir/run_name`; default: the config file's name")
     runs_dir: str = key("runs", "where run folders go")
     seed: int = key(
@@ -100,7 +104,10 @@ class TrainConfig:
         "scale (the `num_heads` group option = `n_head`): Muon, NorMuon, Dion2, NorDion2",
     )
     diagnostics_every: int = key(
-        10, "log the selection diagnostics of Dion2 and NorDion2 every N steps; 0 = never"
+        10,
+        "log the optimizer's diagnostics every N steps (training/diagnostics.py): update and weight RMS "
+        "and momentum norm per role and layer, Newton-Schulz's orthogonality error, Dion2's selection; "
+        "0 = never",
     )
     replicate_mesh_grad_sync: bool = key(
         False,
@@ -177,6 +184,7 @@ CHOICES = {
     "scalar_opt": SCALAR_ALGORITHMS,
     "precision": PRECISIONS,
     "ns_dtype": tuple(NS_DTYPES),
+    "tokenizer": tuple(TOKENIZERS),
     **{
         key: HYPERPARAMETER_CHOICES[argument]
         for spec in OPTIMIZERS.values()
@@ -318,7 +326,7 @@ def validate(cfg):
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be a multiple of device_batch_size {cfg.device_batch_size}"
         )
-    for key in ("optimizer", "scalar_opt", "precision", "ns_dtype"):
+    for key in ("optimizer", "scalar_opt", "precision", "ns_dtype", "tokenizer"):
         if getattr(cfg, key) not in CHOICES[key]:
             raise ConfigError(f"{key} must be one of {choice_text(CHOICES[key])}, got '{getattr(cfg, key)}'")
     foreign = foreign_keys(cfg)

@@ -2,6 +2,7 @@
 
 import torch
 
+from data.tokenizer import TOKENIZERS
 from models.gpt_model import GPT, GPTConfig
 from models.parallelize import apply_fsdp, apply_tp
 from training.distributed import wrap_model
@@ -24,7 +25,8 @@ def build_model(cfg, layout, mesh, ctx):
     draws the same full tensors and keeps its block, so all layouts start from the same weights.
     """
     with torch.device("meta"):
-        model = GPT(GPTConfig(cfg.model_dim, cfg.n_layer, cfg.n_head, cfg.sequence_length))
+        vocab_size = TOKENIZERS[cfg.tokenizer].vocab_size
+        model = GPT(GPTConfig(cfg.model_dim, cfg.n_layer, cfg.n_head, cfg.sequence_length, vocab_size))
     if layout.tp_enabled:
         apply_tp(model, mesh["tp"])
     compressed = compressed_sync(cfg, layout)

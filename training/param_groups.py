@@ -5,7 +5,7 @@ import math
 import torch
 
 from models.gpt_model import ROLES
-from optimizers import Dion2, registry
+from optimizers import registry
 from optimizers.matrix_optimizer import default_ns_dtype
 from training.config import to_dict
 
@@ -112,17 +112,3 @@ def build_optimizer(groups, cfg, meshes=None):
     compressed sync runs over replicate_mesh.
     """
     return registry.build_optimizer(cfg.optimizer, groups, to_dict(cfg), meshes)
-
-
-def selection_metrics(optimizer):
-    """The selection diagnostics of Dion2 or NorDion2 over all matrices, for the metrics log
-    ({} for another optimizer)."""
-    if not isinstance(optimizer, Dion2):
-        return {}
-    stats = optimizer.selection_stats()
-    coverage = [s["coverage"] for s in stats]
-    return {
-        "selection_coverage_mean": sum(coverage) / len(coverage),
-        "selection_coverage_min": min(coverage),
-        "selection_longest_wait": max(s["longest_wait"] for s in stats),
-    }
