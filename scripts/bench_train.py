@@ -3,6 +3,8 @@
     python scripts/bench_train.py --config configs/tiny_cpu.yaml --optimizer muon,dion2,adamw
     python scripts/bench_train.py --config configs/dion2_160m.yaml --optimizer adamw,dion2 \\
         --ortho_fraction 0.25 --compile true
+    python scripts/bench_train.py --config configs/tiny_cpu.yaml --optimizer muon,dion2,adamw \\
+        --diagnostics_every 10 --steps 60                  # what the diagnostics cost
 
 Each optimizer in `--optimizer` runs in a fresh process: `--warmup` steps (compilation
 happens there), then `--steps` timed training steps of the config on random tokens, in one
@@ -15,7 +17,9 @@ Reported per optimizer: median step time, tokens/s, the shares of forward+backwa
 rest of the step (clipping, the loss check and optimizer.step()), peak memory (CUDA: the
 allocator's peak; CPU: the process's peak resident set), and on CUDA the model FLOPs
 utilization against the device's dense bf16 peak (`--peak_tflops` overrides the table).
-Ratios are against the first optimizer listed.
+Ratios are against the first optimizer listed. The optimizer diagnostics run every
+`diagnostics_every` steps, as in train.py; their cost is the median measured step's excess over
+the median plain step, spread over the steps between two measured ones.
 """
 
 import argparse
@@ -32,10 +36,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from data.tokenizer import TOKENIZERS
 from models.flops import training_flops
-from models.gpt_model import GPTConfig
 from scripts.timing import synchronize
 from training.config import CHOICES, ConfigError, load_config_for
+from training.diagnostics import Diagnostics
 from training.distributed import init_distributed
 from training.mesh import Layout
 from training.model_setup import build_model
@@ -79,7 +84,7 @@ def measure(argv, optimizer, steps, warmup, peak_override):
     micro_steps = cfg.batch_size // cfg.device_batch_size
     generator = torch.Generator(device).manual_seed(cfg.seed)
     shape = (cfg.device_batch_size, cfg.sequence_length + 1)
-    vocab = GPTConfig.vocab_size
+    vocab = TOKENIZERS[cfg.tokenizer].vocab_size
     batches = itertools.cycle(
         [
             torch.randint(0, vocab, shape, device=device, generator=generator)
@@ -93,17 +98,23 @@ def measure(argv, optimizer, steps, warmup, peak_override):
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step_times, backward_times, optimizer_times = [], [], []
+    diagnostics = Diagnostics(model, opt, cfg.diagnostics_every)
+    step_times, backward_times, optimizer_times, measured_times = [], [], [], []
     for step in range(warmup + steps):
+        measured = diagnostics.due(step + 1, False)
         synchronize(device)
         start = time.perf_counter()
         train_loss = accumulate_gradients(forward, next_batch, micro_steps, autocast)
+        if measured:
+            diagnostics.before_step()
         synchronize(device)
         optimizer_start = time.perf_counter()
         outcome = apply_gradients(model, opt, train_loss, 1.0, cfg.grad_clip, False, ctx.world_size)
+        if measured:
+            diagnostics.after_step()
         synchronize(device)
         if step >= warmup:
-            step_times.append(time.perf_counter() - start)
+            (measured_times if measured else step_times).append(time.perf_counter() - start)
             backward_times.append(optimizer_start - start)
             optimizer_times.append(time.perf_counter() - optimizer_start)
     if device.type == "cuda":
@@ -113,7 +124,8 @@ def measure(argv, optimizer, steps, warmup, peak_override):
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "device_type": device.type,
-        "step": statistics.median(step_times),
+        # Every step measured (diagnostics_every 1) leaves no plain step to compare with.
+        "step": statistics.median(step_times or measured_times),
         "forward_backward": statistics.median(backward_times),
         "optimizer": statistics.median(optimizer_times),
         "tokens_per_step": cfg.batch_size * cfg.sequence_length,
@@ -121,6 +133,8 @@ def measure(argv, optimizer, steps, warmup, peak_override):
         "peak_bytes": peak_bytes,
         "peak_tflops": peak_tflops(device, peak_override),
         "final_loss": outcome.train_loss,
+        "diagnostics_every": cfg.diagnostics_every,
+        "measured_step": statistics.median(measured_times) if measured_times and step_times else None,
     }
 
 
@@ -146,6 +160,14 @@ def report(results, steps, warmup):
         print(line)
     if first["device_type"] == "cuda" and not peak:
         print("MFU: this GPU is not in the table of bf16 peaks; pass --peak_tflops")
+    for name, r in results.items():
+        if r["measured_step"] is not None:
+            extra = (r["measured_step"] - r["step"]) / (r["diagnostics_every"] * r["step"])
+            print(
+                f"{name}: diagnostics every {r['diagnostics_every']} steps: a measured step takes "
+                f"{r['measured_step'] * 1e3:.1f} ms against {r['step'] * 1e3:.1f} ms: "
+                f"{extra:.2%} of the step time"
+            )
     base_name = next(iter(results))
     print(f"ratios to {base_name}:")
     print(f"{'optimizer':<10} {'tokens/s':>9} {'optim ms':>9}")

@@ -4,13 +4,14 @@
     python scripts/plot_runs.py runs/repro_cpu/optimizer=muon runs/repro_cpu/*seed=0 \\
         --x tokens --zoom 0.4 --out docs/figures/fig2
 
-Each argument is a run folder (with metrics.jsonl and config.yaml) or a folder of them. Runs
+Each argument is a run folder (with metrics.jsonl and config.yaml) or a folder with runs
+beneath it at any depth (`runs` after a sweep finds every sweep's runs). Runs
 are labelled by the config keys whose values differ between them, leaving out keys that the
 run's optimizer does not read. Written to --out (default: the first folder given):
 val_loss.png, with a second panel zoomed on the last part of the run when --zoom is given;
 final_losses.md, the table of final losses (also printed), with the mean train loss of the
-last quarter of the steps next to them; and selection.png, Dion2's
-selection diagnostics, when the runs logged them.
+last quarter of the steps next to them; selection.png, Dion2's selection diagnostics, and
+diagnostics.png, the optimizer's (training/diagnostics.py), when the runs logged them.
 """
 
 import argparse
@@ -22,66 +23,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml
+from scripts.run_records import RunsError, load_runs, tail_train_loss
 
-from optimizers.registry import OPTIMIZER_KEYS, OPTIMIZERS, reads
-from training.config import RUN_KEYS
-from training.metrics import read_metrics
-
-# Keys that name a run rather than describe it.
-NOT_LABELS = ("run_name", "runs_dir", "resume", "wandb_project")
-# Keys that only some optimizers read; a label shows them only for those.
-READERS = {
-    key: tuple(name for name in OPTIMIZERS if reads(name, key))
-    for key in OPTIMIZER_KEYS
-    if key not in RUN_KEYS
-}
 DIAGNOSTICS = ("selection_coverage_mean", "selection_coverage_min", "selection_longest_wait")
-
-
-class PlotError(ValueError):
-    """A folder that holds no run to plot."""
-
-
-def find_runs(paths):
-    """The run folders named by `paths` (runs, or folders of runs), in order."""
-    runs = []
-    for path in map(Path, paths):
-        if (path / "metrics.jsonl").is_file():
-            runs.append(path)
-        elif path.is_dir() and (found := sorted(p.parent for p in path.glob("*/metrics.jsonl"))):
-            runs.extend(found)
-        else:
-            raise PlotError(f"{path} is neither a run folder (with metrics.jsonl) nor a folder of runs")
-    return runs
-
-
-def load_run(run_dir):
-    """A run's config (a dict) and metric records."""
-    config_path = Path(run_dir) / "config.yaml"
-    if not config_path.is_file():
-        raise PlotError(f"{run_dir} has metrics.jsonl but no config.yaml")
-    return yaml.safe_load(config_path.read_text()), read_metrics(run_dir)
-
-
-def labels(configs):
-    """One label per config: the keys whose values differ between the configs, as key=value."""
-    keys = [k for k in configs[0] if k not in NOT_LABELS and len({repr(c.get(k)) for c in configs}) > 1]
-    out = []
-    for config in configs:
-        shown = [k for k in keys if config.get("optimizer") in READERS.get(k, (config.get("optimizer"),))]
-        out.append(", ".join(f"{k}={config.get(k)}" for k in shown) or config["run_name"])
-    return out
-
-
-def tail_train_loss(records):
-    """The mean train loss over the last quarter of the steps: in a single pass over the data
-    each batch is scored before the model trains on it, so this is a held-out loss over many
-    more tokens than a small validation set. Skipped steps, whose loss was not finite (null),
-    are left out."""
-    last = records[-1]["step"]
-    tail = [r["train_loss"] for r in records if r["step"] > 0.75 * last and r["train_loss"] is not None]
-    return statistics.mean(tail)
 
 
 def final_loss_tables(runs):
@@ -223,6 +167,43 @@ def plot_selection(runs, path):
     plt.close(fig)
 
 
+def plot_diagnostics(runs, path):
+    """The optimizer diagnostics of the hidden matrices over the steps: update RMS, weight RMS,
+    momentum norm, and Newton-Schulz's orthogonality error (the largest over the shapes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("update_rms/matrix", "update RMS"),
+        ("weight_rms/matrix", "weight RMS"),
+        ("momentum_norm/matrix", "momentum norm"),
+        ("ortho_error", "orthogonality error: max |sigma - 1| of Newton-Schulz's output"),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8 + _legend_height(runs)))
+    for r, style in zip(runs, _styles(runs), strict=True):
+        records = [x for x in r["records"] if "update_rms/matrix" in x]
+        for ax, (key, _) in zip(axes.flat, panels, strict=True):
+            if key == "ortho_error":
+                shown = [
+                    (x["step"], max(v for k, v in x.items() if k.startswith("ortho_error/")))
+                    for x in records
+                    if any(k.startswith("ortho_error/") for k in x)
+                ]
+            else:
+                shown = [(x["step"], x[key]) for x in records]
+            if shown:
+                ax.plot(*zip(*shown, strict=True), label=r["label"], lw=1.0, **style)
+    for ax, (_, title) in zip(axes.flat, panels, strict=True):
+        ax.set_title(f"hidden matrices: {title}", fontsize=9)
+        ax.set_xlabel("steps")
+        ax.grid(alpha=0.3)
+    _legend_below(fig, axes.flat[0], runs)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main(argv=None):
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -233,25 +214,10 @@ def main(argv=None):
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
     if args.zoom is not None and not 0 < args.zoom < 1:
-        raise PlotError(f"--zoom must lie in (0, 1), got {args.zoom}")
-    run_dirs = find_runs(args.paths)
-    loaded = [load_run(d) for d in run_dirs]
-    configs = [c for c, _ in loaded]
-    seedless = labels([{k: v for k, v in c.items() if k != "seed"} for c in configs])
-    runs = [
-        {
-            "config": config,
-            "records": records,
-            "label": label,
-            "seedless": seedless[i],
-            "x": {r["step"]: r["step"] if args.x == "steps" else r["tokens"] for r in records},
-            "val": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
-            "tokens": {r["step"]: r["tokens"] for r in records},
-        }
-        for i, ((config, records), label) in enumerate(zip(loaded, labels(configs), strict=True))
-    ]
+        raise RunsError(f"--zoom must lie in (0, 1), got {args.zoom}")
+    runs = load_runs(args.paths, args.x)
     if not any(r["val"] for r in runs):
-        raise PlotError(f"no run under {', '.join(map(str, args.paths))} has a validation loss yet")
+        raise RunsError(f"no run under {', '.join(map(str, args.paths))} has a validation loss yet")
     out = args.out or (args.paths[0] if args.paths[0].is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)
     title = args.title or f"validation loss, {len(runs)} runs"
@@ -264,11 +230,15 @@ def main(argv=None):
     if with_diagnostics:
         plot_selection(with_diagnostics, out / "selection.png")
         written.append("selection.png")
+    with_optimizer_diagnostics = [r for r in runs if any("update_rms/matrix" in x for x in r["records"])]
+    if with_optimizer_diagnostics:
+        plot_diagnostics(with_optimizer_diagnostics, out / "diagnostics.png")
+        written.append("diagnostics.png")
     print(f"wrote {', '.join(str(out / w) for w in written)}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except PlotError as e:
+    except RunsError as e:
         sys.exit(f"error: {e}")

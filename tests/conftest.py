@@ -1,6 +1,7 @@
 """Shared fixtures: small shard folders and a helper that runs train.py in-process."""
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.distributed as dist
+import yaml
 
 from data.shards import write_shard
 from training.distributed import leave_process_group
@@ -124,3 +126,13 @@ def gloo(rank, world_size, init_file):
         dist.destroy_process_group()  # the peers fail too; mp.spawn reports this rank's error
         raise
     leave_process_group()
+
+
+def fake_run(folder, name, records, **config):
+    """A run folder with a config and metrics, as train.py writes them."""
+    run = folder / name
+    run.mkdir(parents=True)
+    values = {"run_name": name, "optimizer": "dion2", "ortho_fraction": 0.5, "selection": "l1", "seed": 0}
+    (run / "config.yaml").write_text(yaml.safe_dump({**values, **config}, sort_keys=False))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run

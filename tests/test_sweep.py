@@ -1,7 +1,6 @@
 """scripts/sweep.py and scripts/plot_runs.py: a two-point sweep of a few steps, run, re-run,
 resumed and plotted; the shipped sweep files and the paper's configs."""
 
-import json
 import re
 import shutil
 import signal
@@ -12,9 +11,9 @@ import time
 import pytest
 import yaml
 
-from scripts import plot_runs, sweep
+from scripts import plot_runs, run_records, sweep
 from scripts.sweep import SweepError, grid_points, load_sweep, point_name
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, fake_run
 from training.checkpoint import list_checkpoints
 from training.config import load_config
 from training.metrics import read_metrics
@@ -212,16 +211,6 @@ def test_plot_runs_draws_the_sweep(finished, tmp_path, capsys):
         assert (tmp_path / png).stat().st_size > 5000
 
 
-def fake_run(folder, name, records, **config):
-    """A run folder with a config and metrics, as train.py writes them."""
-    run = folder / name
-    run.mkdir(parents=True)
-    values = {"run_name": name, "optimizer": "dion2", "ortho_fraction": 0.5, "selection": "l1", "seed": 0}
-    (run / "config.yaml").write_text(yaml.safe_dump({**values, **config}, sort_keys=False))
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return run
-
-
 def curve(*losses):
     """Records of a run whose val loss goes through `losses`; its train loss is 1 lower."""
     return [
@@ -259,7 +248,7 @@ def test_plot_labels_show_only_keys_that_differ_and_matter(tmp_path, capsys):
 def test_plot_errors(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     fake_run(tmp_path / "runs", "a", [{"step": 1, "tokens": 8, "train_loss": 9.0}])
-    with pytest.raises(plot_runs.PlotError, match=message):
+    with pytest.raises(plot_runs.RunsError, match=message):
         plot_runs.main([str(tmp_path / args[0]), *args[1:], "--out", str(tmp_path / "out")])
 
 
@@ -282,4 +271,4 @@ def test_stopping_the_sweep_stops_its_run(tmp_path):
 
 def test_the_tail_train_loss_leaves_out_skipped_steps():
     records = [{"step": s, "train_loss": loss} for s, loss in [(1, 9.0), (2, 5.0), (3, None), (4, 3.0)]]
-    assert plot_runs.tail_train_loss(records) == 3.0
+    assert run_records.tail_train_loss(records) == 3.0

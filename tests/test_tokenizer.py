@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from data.build_shakespeare import markdown_to_text
-from data.loader import find_shards
-from data.shards import EOT_TOKEN, load_tokens
+from data.loader import TokenLoader, ValidationData, find_shards
+from data.shards import EOT_TOKEN, ShardError, load_tokens
 from data.tokenize_text import main as tokenize_main
 from data.tokenize_text import split_documents
-from data.tokenizer import gpt2_encoding
+from data.tokenizer import BYTES_EOT, TOKENIZERS, encode_bytes, gpt2_encoding
+from tests.conftest import REPO
 
 
 def test_gpt2_ids_from_the_shipped_ranks():
@@ -80,3 +81,30 @@ def test_embedded_data_is_valid():
     tokens = load_tokens(train[0])
     assert len(tokens) > 1_000_000 and len(load_tokens(val[0])) > 50_000
     assert tokens[0] == EOT_TOKEN and tokens.max() < EOT_TOKEN + 1
+
+
+def test_bytes_round_trip_and_separate_documents():
+    ids = encode_bytes("Æ and I")
+    assert ids[0] == BYTES_EOT and max(ids) < TOKENIZERS["bytes"].vocab_size == 256
+    assert TOKENIZERS["bytes"].decode(ids + encode_bytes("two")) == "Æ and Itwo"
+    assert TOKENIZERS["gpt2"].decode([15496, 995]) == "Hello world"
+
+
+def test_the_shipped_byte_data_is_the_shakespeare_plays_as_bytes(tmp_path, monkeypatch):
+    import data.build_shakespeare_bytes as build
+
+    monkeypatch.setattr(build, "OUT_DIR", tmp_path)
+    build.main()
+    for split in ("train", "val"):
+        (shipped,) = find_shards(REPO / "data" / "shakespeare_bytes", split)
+        (rebuilt,) = find_shards(tmp_path, split)
+        assert shipped.read_bytes() == rebuilt.read_bytes()
+    val = np.asarray(load_tokens(rebuilt))
+    assert TOKENIZERS["bytes"].decode(val[:40].tolist()).startswith("Romeo and Juliet")
+
+
+def test_shards_of_another_tokenizer_are_refused_before_training(tmp_path):
+    with pytest.raises(ShardError, match="holds token id 50256, outside the tokenizer's 256 ids"):
+        TokenLoader(find_shards(REPO / "data" / "shakespeare", "train"), 1, 8, vocab_size=256)
+    with pytest.raises(ShardError, match="outside the tokenizer's 256 ids"):
+        ValidationData(find_shards(REPO / "data" / "shakespeare", "val"), 8, 1, 8, vocab_size=256)

@@ -182,12 +182,15 @@ def run_cli(args, **kwargs):
         ("unknown_key", "error: command line: unknown key '--lerning_rate'; did you mean 'lr'?"),
         ("missing_data", "error: data_dir "),
         ("corrupt_shard", "error: shard "),
+        ("other_tokenizer", "error: shard "),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, case, message):
     data = tmp_path / "data"
     make_shards(data, "x", [5000, 5000])
-    extra = ["--lerning_rate", "0.1"] if case == "unknown_key" else []
+    extra = {"unknown_key": ["--lerning_rate", "0.1"], "other_tokenizer": ["--tokenizer", "bytes"]}.get(
+        case, []
+    )
     data_dir = tmp_path / "nope" if case == "missing_data" else data
     if case == "corrupt_shard":
         shard = data / "x_train_000001.bin"

@@ -1,0 +1,95 @@
+"""Finished or running training runs read back from their folders, for plot_runs.py and
+compare_runs.py: where the runs are, their configs and metrics, and labels that tell them apart."""
+
+import statistics
+from pathlib import Path
+
+import yaml
+
+from optimizers.registry import OPTIMIZER_KEYS, OPTIMIZERS, reads
+from training.config import RUN_KEYS
+from training.metrics import read_metrics
+
+# Keys that name a run rather than describe it.
+NOT_LABELS = ("run_name", "runs_dir", "resume", "wandb_project")
+# Keys that only some optimizers read; a label shows them only for those.
+READERS = {
+    key: tuple(name for name in OPTIMIZERS if reads(name, key))
+    for key in OPTIMIZER_KEYS
+    if key not in RUN_KEYS
+}
+
+
+class RunsError(ValueError):
+    """A folder that holds no run to read, or a run that cannot be read."""
+
+
+def find_runs(paths):
+    """The run folders (each with a metrics.jsonl) named by `paths` or found beneath them at any
+    depth, in order."""
+    runs = []
+    for path in map(Path, paths):
+        if (path / "metrics.jsonl").is_file():
+            runs.append(path)
+        elif path.is_dir() and (found := sorted(p.parent for p in path.rglob("metrics.jsonl"))):
+            runs.extend(found)
+        else:
+            raise RunsError(
+                f"{path} is neither a run folder (with metrics.jsonl) nor a folder with runs beneath it"
+            )
+    return runs
+
+
+def load_run(run_dir):
+    """A run's config (a dict) and metric records."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise RunsError(f"{run_dir} has metrics.jsonl but no config.yaml")
+    return yaml.safe_load(config_path.read_text()), read_metrics(run_dir)
+
+
+def labels(configs):
+    """One label per config: the keys whose values differ between the configs, as key=value."""
+    every_key = dict.fromkeys(k for c in configs for k in c)
+    keys = [k for k in every_key if k not in NOT_LABELS and len({repr(c.get(k)) for c in configs}) > 1]
+    out = []
+    for config in configs:
+        shown = [k for k in keys if config.get("optimizer") in READERS.get(k, (config.get("optimizer"),))]
+        out.append(", ".join(f"{k}={config.get(k)}" for k in shown) or config["run_name"])
+    return out
+
+
+def load_runs(paths, axis="steps"):
+    """Every run under `paths` as a dict: its config and records; `label` (what sets it apart),
+    `seedless` (the label of its configuration over seeds); `val`, its (step, val loss) pairs;
+    `x`, step -> steps or tokens as `axis` says; `tokens`, step -> tokens."""
+    loaded = [load_run(d) for d in find_runs(paths)]
+    configs = [c for c, _ in loaded]
+    seedless = labels([{k: v for k, v in c.items() if k != "seed"} for c in configs])
+    return [
+        {
+            "config": config,
+            "records": records,
+            "label": label,
+            "seedless": seedless[i],
+            "x": {r["step"]: r["step"] if axis == "steps" else r["tokens"] for r in records},
+            "val": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
+            "tokens": {r["step"]: r["tokens"] for r in records},
+        }
+        for i, ((config, records), label) in enumerate(zip(loaded, labels(configs), strict=True))
+    ]
+
+
+def mean_train_loss(records, start, end):
+    """The mean train loss of the steps after `start` up to `end`. In a single pass over the data
+    each batch is scored before the model trains on it, so this is a held-out loss. Skipped
+    steps, whose loss was not finite (null), are left out."""
+    losses = [r["train_loss"] for r in records if start < r["step"] <= end and r["train_loss"] is not None]
+    return statistics.mean(losses)
+
+
+def tail_train_loss(records):
+    """The mean train loss over the last quarter of the steps: a held-out loss over many more
+    tokens than a small validation set."""
+    last = records[-1]["step"]
+    return mean_train_loss(records, 0.75 * last, last)

@@ -1,0 +1,163 @@
+"""scripts/compare_runs.py on synthetic runs whose statistics are computed here by hand, and
+scripts/plot_runs.py finding runs at any depth."""
+
+import math
+import statistics
+
+import pytest
+
+from scripts import compare_runs, plot_runs, reproduction_report
+from scripts.run_records import RunsError, load_runs
+from tests.conftest import fake_run
+
+# Student's t, 97.5% quantiles, from a printed table.
+T_975 = {2: 4.302653, 3: 3.182446}
+MUON = [2.0, 2.1, 2.3]
+DION2 = [2.2, 2.4, 2.25, 2.35]
+
+
+def t_density(x, df):
+    """Student's t density."""
+    norm = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    return norm * (1 + x * x / df) ** (-(df + 1) / 2)
+
+
+def two_sided_p(t, df, intervals=20_000):
+    """2 P(T > |t|), the density integrated by Simpson's rule from 0 to |t|."""
+    h = abs(t) / intervals
+    weights = [1 if i in (0, intervals) else 4 if i % 2 else 2 for i in range(intervals + 1)]
+    area = h / 3 * sum(w * t_density(i * h, df) for i, w in enumerate(weights))
+    return 2 * (0.5 - area)
+
+
+def records(final_val, steps=20, step_time=1.0, slope=0.1):
+    """A run whose train loss falls by `slope` a step from 5 and whose last val loss is `final_val`."""
+    return [
+        {
+            "step": s,
+            "tokens": 10 * s,
+            "train_loss": 5 - slope * s,
+            "step_time": step_time,
+            **({"val_loss": final_val} if s in (10, steps) else {}),
+        }
+        for s in range(1, steps + 1)
+    ]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for seed, loss in enumerate(MUON):
+        fake_run(tmp_path / "sweep", f"muon{seed}", records(loss), optimizer="muon", seed=seed)
+    for seed, loss in enumerate(DION2):
+        fake_run(tmp_path / "sweep", f"dion2_{seed}", records(loss, step_time=0.5, slope=0.05), seed=seed)
+    return tmp_path / "sweep"
+
+
+def test_the_interval_is_students(runs):
+    mean, low, high = compare_runs.mean_interval(MUON)
+    by_hand = T_975[2] * statistics.stdev(MUON) / math.sqrt(3)
+    assert mean == pytest.approx(sum(MUON) / 3)
+    assert (low, high) == pytest.approx((mean - by_hand, mean + by_hand), rel=1e-6)
+
+
+def test_welch_against_a_hand_computation():
+    va, vb = statistics.variance(DION2) / 4, statistics.variance(MUON) / 3
+    t = (statistics.mean(DION2) - statistics.mean(MUON)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
+    difference, low, high, p = compare_runs.welch(DION2, MUON)
+    assert difference == pytest.approx(statistics.mean(DION2) - statistics.mean(MUON))
+    assert p == pytest.approx(two_sided_p(t, df), abs=1e-6)
+    # The interval of the difference is symmetric and excludes 0 exactly when p < 0.05.
+    assert (high + low) / 2 == pytest.approx(difference)
+    assert (low > 0) == (p < 0.05)
+
+
+def test_the_table_and_its_measures(runs, tmp_path):
+    table, measured, baseline, target, seconds = compare_runs.comparison(load_runs([runs]), "optimizer=muon")
+    assert baseline == "optimizer=muon"
+    # Muon's train loss of the last quarter: steps 16..20 of 5 - 0.1 s, mean 5 - 1.8.
+    assert target == pytest.approx(3.2)
+    # The fastest run trains 20 steps of 0.5 s.
+    assert seconds == pytest.approx(10.0)
+    muon = measured["optimizer=muon"]
+    assert [m["val"] for m in muon] == MUON
+    # 5 - 0.1 s <= 3.25 first at step 18 (one-step window: 5% of 20 steps).
+    measured_at = compare_runs.comparison(load_runs([runs]), "optimizer=muon", target=3.25)[1]
+    assert {m["steps"] for m in measured_at["optimizer=muon"]} == {18}
+    # Muon's 1 s steps reach 10 s at step 10.
+    assert [m["at_time"] for m in muon] == pytest.approx([4.0] * 3)
+    assert {m["steps"] for m in measured["optimizer=dion2"]} == {None}
+    mean, low, high = compare_runs.mean_interval(DION2)
+    p = compare_runs.welch(DION2, MUON)[3]
+    row = next(line for line in table.splitlines() if line.startswith("| optimizer=dion2"))
+    assert f"| 4 | {mean:.4f} [{low:.4f}, {high:.4f}] | {p:.3g} |" in row
+    assert "| never |" in row
+    compare_runs.main([str(runs), "--baseline", "optimizer=muon", "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "comparison.md").read_text() == table
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("seed=0", "must match one configuration, matched 2"),
+        ("optimizer=adamw", "matched none"),
+        ("no pairs", "neither a configuration's label nor key=value pairs"),
+    ],
+)
+def test_a_bad_baseline_names_the_configurations(runs, name, message):
+    with pytest.raises(RunsError, match=message):
+        compare_runs.comparison(load_runs([runs]), name)
+
+
+def test_runs_are_found_at_any_depth(tmp_path, capsys):
+    fake_run(tmp_path / "runs" / "sweep_a" / "deeper", "one", records(2.0))
+    fake_run(tmp_path / "runs" / "sweep_b", "two", records(2.5), ortho_fraction=0.25)
+    plot_runs.main([str(tmp_path / "runs")])
+    table = capsys.readouterr().out
+    assert "| ortho_fraction=0.5 | 2.0000 |" in table
+    assert "| ortho_fraction=0.25 | 2.5000 |" in table
+
+
+def test_the_reproduction_report_fills_the_doc(tmp_path):
+    def run_records(offset):
+        out = records(2.0 + offset, steps=20)
+        for r in out:
+            r["train_loss"] += offset
+            if r["step"] % 5 == 0:
+                r.update({"val_loss": 2.0 + offset, "ortho_error/4x8": 0.1})
+                r.update({f"{k}/matrix": 1e-3 for k in ("update_rms", "weight_rms", "momentum_norm")})
+        return out
+
+    points = [{"optimizer": "muon"}] + [
+        {"ortho_fraction": f, "selection": s, "decay": "selective"}
+        for f in (0.5, 0.25, 0.125)
+        for s in ("l1", "random")
+    ]
+    points.append({"ortho_fraction": 0.25, "selection": "l1", "decay": "full"})
+    for i, point in enumerate(points):
+        for seed in (0, 1):
+            fake_run(
+                tmp_path / "runs", f"{i}_{seed}", run_records(0.01 * i + 0.003 * seed), seed=seed, **point
+            )
+    doc = tmp_path / "doc.md"
+    names = ("comparison", "fractions", "selection", "decay", "diagnostics")
+    doc.write_text("".join(f"# {n}\n<!-- report:{n} -->\nold\n<!-- /report:{n} -->\n" for n in names))
+    reproduction_report.main([str(tmp_path / "runs"), "--doc", str(doc), "--out", str(tmp_path / "out")])
+    text = doc.read_text()
+    assert "old" not in text
+    # Full decay's runs are 0.04 above those of l1 at 0.25 (0.01 a point), both with seeds 0.003
+    # apart: a difference's standard error of 0.003 / sqrt(2), and t = 4.303 at 2 degrees of freedom.
+    assert "| full - selective, l1 0.25 | 4 | +0.0400 [+0.0309, +0.0491] | 0.0028 |" in text
+    for name in names:
+        assert (tmp_path / "out" / f"{name}.md").read_text() in text
+    assert {p.name for p in (tmp_path / "out").glob("*.png")} == {
+        "comparison.png",
+        "effects.png",
+        "val_loss.png",
+        "diagnostics.png",
+    }
+    doc.write_text("no sections")
+    with pytest.raises(RunsError, match="has no section <!-- report:comparison -->"):
+        reproduction_report.main([str(tmp_path / "runs"), "--doc", str(doc), "--out", str(tmp_path / "o2")])
+    assert doc.read_text() == "no sections" and not (tmp_path / "o2").exists()
