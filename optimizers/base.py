@@ -58,7 +58,8 @@ class BaseOptimizer(torch.optim.Optimizer):
         self._orthogonality = {}
 
     def orthogonality_errors(self):
-        """{(rows, cols): largest |sigma - 1|} of the step after `capture_orthogonality()`, then
+        """{(rows, cols): (RMS, largest) of |sigma - 1|} (`orthogonality_error`) of the step after
+        `capture_orthogonality()`, then
         capturing stops. Each rank measures the first matrix it orthonormalized of each shape:
         on rank 0, the first of that shape's first bucket, as in one process."""
         errors, self._orthogonality = self._orthogonality or {}, None

@@ -179,7 +179,7 @@ def plot_diagnostics(runs, path):
         ("update_rms/matrix", "update RMS"),
         ("weight_rms/matrix", "weight RMS"),
         ("momentum_norm/matrix", "momentum norm"),
-        ("ortho_error", "orthogonality error: max |sigma - 1| of Newton-Schulz's output"),
+        ("ortho_error", "Newton-Schulz's output: RMS of its sigma - 1 (the largest over the shapes)"),
     )
     fig, axes = plt.subplots(2, 2, figsize=(13, 8 + _legend_height(runs)))
     for r, style in zip(runs, _styles(runs), strict=True):

@@ -98,7 +98,7 @@ def diagnostics_table(groups):
     Newton-Schulz's orthogonality error and the matrices' update RMS over the run."""
     lines = [
         "| configuration | coverage, mean / worst matrix | longest wait (steps) | orthogonality error "
-        "(max over shapes, mean over the run) | update RMS, matrices |",
+        "(RMS of sigma - 1, largest over the shapes, mean over the run) | update RMS, matrices |",
         "|---|---:|---:|---:|---:|",
     ]
     for label, runs in groups.items():

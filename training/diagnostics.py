@@ -4,8 +4,9 @@ Per parameter role, and per layer for the hidden matrices:
 - `update_rms/<group>`: the RMS of the step's change of the weights (W after - W before);
 - `weight_rms/<group>`: the RMS of the weights after the step;
 - `momentum_norm/<group>`: the l2 norm of the optimizer's momentum after the step.
-Per shape that Newton-Schulz orthonormalizes, `ortho_error/<rows>x<cols>`: the largest
-|sigma - 1| of the first such matrix of the step. For Dion2 and NorDion2, the selection
+Per shape that Newton-Schulz orthonormalizes, on the first such matrix of the step, with sigma
+its output's singular values: `ortho_error/<rows>x<cols>`, the RMS of sigma - 1, and
+`ortho_error_max/<rows>x<cols>`, the largest |sigma - 1|. For Dion2 and NorDion2, the selection
 coverage and the longest wait of any slice. Every rank takes part (one all-reduce).
 """
 
@@ -68,8 +69,9 @@ class Diagnostics:
     def after_step(self):
         """The metrics of the step since `before_step()`, the same on every rank."""
         weights = [local_tensor(p).detach() for p in self.params]
-        changes = torch._foreach_sub(weights, self.before)
-        self.before = None
+        # In place, in the copy: a second copy of every weight would cost as much again.
+        torch._foreach_sub_(self.before, weights)
+        changes, self.before = self.before, None
         momenta = [self.optimizer.momentum_buffer(p) for p in self.params]
         # The change and the momentum are split as their parameter is.
         squares = global_squared_norms([*changes, *weights, *momenta], placed_like=self.params * 3)
@@ -81,7 +83,8 @@ class Diagnostics:
             record[f"update_rms/{group}"] = math.sqrt(change / size)
             record[f"weight_rms/{group}"] = math.sqrt(weight / size)
             record[f"momentum_norm/{group}"] = math.sqrt(momentum)
-        for (rows, cols), error in self.optimizer.orthogonality_errors().items():
+        for (rows, cols), (error, largest) in self.optimizer.orthogonality_errors().items():
             record[f"ortho_error/{rows}x{cols}"] = error
+            record[f"ortho_error_max/{rows}x{cols}"] = largest
         record.update(selection_metrics(self.optimizer))
         return record
