@@ -67,7 +67,8 @@ class Diagnostics:
 
     @torch.no_grad()
     def after_step(self):
-        """The metrics of the step since `before_step()`, the same on every rank."""
+        """The metrics of the step since `before_step()`: the same on every rank, except the
+        orthogonality errors, which are of the matrices this rank orthonormalized."""
         weights = [local_tensor(p).detach() for p in self.params]
         # In place, in the copy: a second copy of every weight would cost as much again.
         torch._foreach_sub_(self.before, weights)
