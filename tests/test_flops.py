@@ -23,6 +23,16 @@ def test_the_matmul_flops_are_torchs_count_of_a_forward_and_backward():
     assert flops["attention scores"] == 12 * 2 * 64 * 32
 
 
+def test_the_gpt2_model_counts_its_matmuls_and_attention():
+    model = GPT(GPTConfig(64, 2, 4, 32))
+    per_layer = 4 * 64 * 64 + 2 * 4 * 64 * 64  # q, k, v, out; the MLP's two 4x matrices
+    assert training_flops(model) == {
+        "hidden matrices": 6 * 2 * per_layer,
+        "lm_head": 6 * 50304 * 64,
+        "attention scores": 12 * 2 * 64 * 32,
+    }
+
+
 def test_the_reproduction_testbed_puts_most_flops_in_the_hidden_matrices():
     table = split_table(load_config(["--config", str(REPO / "configs" / "repro_cpu.yaml")]))
     assert "| hidden matrices | 18,874,368 | 84.2% |" in table
