@@ -7,7 +7,7 @@ baseline. For each, at the end of every quarter of the run: the difference of th
 loss (measured at that step) and of the mean train loss over that quarter, with the 95%
 confidence interval of the difference and the p-value of Welch's t-test over the seeds. The
 tables replace the text between `<!-- report:NAME -->` and `<!-- /report:NAME -->` in --doc;
-the figures and the same tables as markdown files go to --out.
+the figures go to --out.
 """
 
 import argparse
@@ -180,14 +180,12 @@ def main(argv=None):
     sections["diagnostics"] = diagnostics_table(groups)
     text = replace_sections(args.doc, sections)  # every section found before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, body in sections.items():
-        (args.out / f"{name}.md").write_text(body)
     plot_comparison(measured, baseline, args.out / "comparison.png")
     plot_effects(effects, args.out / "effects.png")
     plot_val_loss(runs, args.out / "val_loss.png", "steps", 0.5, f"validation loss, {len(runs)} runs")
     plot_diagnostics(runs, args.out / "diagnostics.png")
     args.doc.write_text(text)
-    print(f"wrote {args.doc} and {len(sections)} tables and 4 figures in {args.out}")
+    print(f"wrote {len(sections)} tables in {args.doc} and 4 figures in {args.out}")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def test_the_reproduction_report_fills_the_doc(tmp_path):
     # apart: a difference's standard error of 0.003 / sqrt(2), and t = 4.303 at 2 degrees of freedom.
     assert "| full - selective, l1 0.25 | 4 | +0.0400 [+0.0309, +0.0491] | 0.0028 |" in text
     for name in names:
-        assert (tmp_path / "out" / f"{name}.md").read_text() in text
+        assert text.count(f"<!-- report:{name} -->\n| ") + text.count(f"<!-- report:{name} -->\nOver") == 1
     assert {p.name for p in (tmp_path / "out").glob("*.png")} == {
         "comparison.png",
         "effects.png",

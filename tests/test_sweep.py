@@ -163,16 +163,18 @@ def test_shipped_sweep_files_load():
         assert runs, path
     _, runs = load_sweep(REPO / "configs" / "sweeps" / "repro_cpu.yaml", REPO / "runs")
     names = [name for name, _, _ in runs]
-    assert len(names) == 15
+    assert len(names) == 32
+    seeds = (0, 1, 2, 3)
     for fraction in ("0.5", "0.25", "0.125"):
         for selection in ("l1", "random"):
-            for seed in (0, 1):
+            for seed in seeds:
                 assert f"optimizer=dion2,ortho_fraction={fraction},selection={selection},seed={seed}" in names
-    assert {
-        "optimizer=muon",
-        "optimizer=adamw,lr=0.004",
-        "optimizer=dion2,ortho_fraction=0.25,decay=full",
-    } < set(names)
+    for seed in seeds:
+        assert {
+            f"optimizer=muon,seed={seed}",
+            f"optimizer=dion2,ortho_fraction=0.25,decay=full,seed={seed}",
+        } < set(names)
+    assert {cfg.tokenizer for _, _, cfg in runs} == {"bytes"}
     for scale in ("304m", "1b"):
         _, runs = load_sweep(REPO / "configs" / "sweeps" / f"paper_{scale}.yaml", REPO / "runs")
         optimizers = {cfg.optimizer for _, _, cfg in runs}
