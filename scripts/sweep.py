@@ -1,8 +1,10 @@
-"""Run a grid of train.py runs described by a sweep file, one after another.
+"""Run a grid of train.py runs described by a sweep file: here, or as Slurm jobs.
 
-    python scripts/sweep.py configs/sweeps/repro_cpu.yaml              # run every point here
-    python scripts/sweep.py configs/sweeps/paper_304m.yaml --dry-run \\
-        --nproc_per_node 8                                             # print torchrun commands
+    python scripts/sweep.py configs/sweeps/repro_cpu.yaml              # every point, in turn
+    python scripts/sweep.py configs/sweeps/repro_cpu.yaml --parallel 2 # two points at once
+    python scripts/sweep.py configs/sweeps/paper_304m.yaml --launcher slurm \\
+        --gpus_per_run 8 --partition gpu --time 1440                   # one Slurm job a point
+    python scripts/sweep.py configs/sweeps/paper_304m.yaml --status    # each point's state
 
 A sweep file has three keys:
 
@@ -13,17 +15,16 @@ A sweep file has three keys:
 The points are the product of the grid's lists. `grid` may also be a list of such mappings;
 the points are then the union of their products, so that one file can hold Muon next to a
 Dion2 fraction sweep. Each point is the run runs/<sweep>/<key=value,...>, named by its grid
-values. Running the sweep again skips finished points and resumes interrupted ones from their
-newest checkpoint; a point whose folder holds a run of another config is refused.
+values. Running the sweep again, with either launcher, skips finished points and resumes
+interrupted ones from their newest checkpoint; a point whose folder holds a run of another
+config is refused. The launchers are in scripts/sweep_launchers.py.
 """
 
 import argparse
 import itertools
 import shlex
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -31,6 +32,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import yaml
 
+from scripts.sweep_launchers import (
+    LaunchError,
+    command,
+    device_slots,
+    job_state,
+    read_launch,
+    run_parallel,
+    submit,
+)
 from training.checkpoint import list_checkpoints
 from training.config import KEYS, ConfigError, foreign_keys, load_config, to_dict
 from training.metrics import read_metrics
@@ -39,6 +49,18 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = ("base", "overrides", "grid")
 # The sweep names and places every run, and resumes it when asked to: a sweep file sets none of these.
 OWNED_KEYS = ("run_name", "runs_dir", "resume")
+LAUNCHERS = ("local", "slurm")
+SLURM_OPTIONS = (
+    "gpus_per_run",
+    "gpus_per_node",
+    "cpus_per_task",
+    "time",
+    "partition",
+    "account",
+    "constraint",
+)
+# Slurm's states of a job that is queued or running.
+SLURM_ACTIVE = ("pending", "running", "requeued", "configuring", "completing", "resizing", "suspended")
 
 
 class SweepError(ValueError):
@@ -171,33 +193,6 @@ def run_state(run_dir, cfg):
     return "resume" if list_checkpoints(run_dir) else "new"
 
 
-def command(argv, nproc):
-    """The command line that trains one point on `nproc` processes of this machine."""
-    if nproc == 1:
-        return [sys.executable, "train.py", *argv]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "train.py",
-        *argv,
-    ]
-
-
-def train(cmd, log):
-    """Run one point to its end and return its exit code. If the sweep is stopped (Ctrl-C or
-    SIGTERM), the run is stopped too, so that no orphan keeps writing to its folder."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        return proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait()
-
-
 def _exit_on_sigterm(signum, frame):
     sys.exit(128 + signum)
 
@@ -216,20 +211,85 @@ def summary(runs_dir, runs, outcome):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    """Command-line entry point; returns the exit status (1 if any point failed)."""
+def parse_args(argv):
+    """The sweep's command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep", type=Path, help="the sweep file (YAML: base, overrides, grid)")
     parser.add_argument(
         "--runs_dir", type=Path, default=Path("runs"), help="runs go to RUNS_DIR/<sweep name>/"
     )
-    parser.add_argument("--nproc_per_node", type=int, default=1, help="processes per run (torchrun)")
+    parser.add_argument(
+        "--gpus_per_run", type=int, default=1, help="processes of each run, one per GPU (torchrun)"
+    )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs at once on this machine, each on its own GPUs (or its share of the CPU cores)",
+    )
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="local", help="where the runs go")
+    parser.add_argument("--status", action="store_true", help="print each point's state, step and loss")
     parser.add_argument("--dry-run", action="store_true", help="print the torchrun commands, run nothing")
+    slurm = parser.add_argument_group("--launcher slurm (through submitit)")
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--account", help="Slurm account")
+    slurm.add_argument("--constraint", help="Slurm node constraint, such as h100")
+    slurm.add_argument("--time", type=int, default=24 * 60, help="time limit of each job, in minutes")
+    slurm.add_argument("--gpus_per_node", type=int, default=8, help="GPUs of one node")
+    slurm.add_argument("--cpus_per_task", type=int, default=32, help="CPU cores of each node's task")
+    slurm.add_argument(
+        "--submitit_cluster",
+        choices=("slurm", "local", "debug"),
+        default="slurm",
+        help="submitit's backend: slurm, or local/debug to try the jobs on this machine",
+    )
     args = parser.parse_args(argv)
-    if args.nproc_per_node < 1:
-        raise SweepError(f"--nproc_per_node must be >= 1, got {args.nproc_per_node}")
+    for name in ("gpus_per_run", "parallel", "time", "gpus_per_node", "cpus_per_task"):
+        if getattr(args, name) < 1:
+            raise SweepError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def status(runs_dir, runs):
+    """The table of `--status`: each point's state, step, last train and val loss, and its launch."""
+    width = max(len(name) for name, _, _ in runs)
+    lines = [f"{'run':<{width}}  {'state':<8} {'step':>11} {'train_loss':>10} {'val_loss':>9}  launch"]
+    for name, _, cfg in runs:
+        run_dir = REPO / runs_dir / name
+        records = read_records(run_dir)
+        launch = read_launch(run_dir)
+        job = job_state(launch)
+        if finished(records, cfg):
+            state = "done"
+        elif job in SLURM_ACTIVE:  # "running" is a local run's word too
+            state = "running"
+        else:
+            state = "stopped" if records else "new"
+        step = f"{records[-1]['step'] if records else 0}/{cfg.num_iterations}"
+        train = next((r["train_loss"] for r in reversed(records) if r.get("train_loss") is not None), None)
+        val = last_val_loss(records)
+        where = (
+            "-"
+            if launch is None
+            else f"{launch['launcher']} {launch.get('job_id', launch.get('pid'))}: {job}"
+        )
+        lines.append(f"{name:<{width}}  {state:<8} {step:>11} {_loss(train):>10} {_loss(val):>9}  {where}")
+    return "\n".join(lines)
+
+
+def _loss(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status (1 if any point failed)."""
+    args = parse_args(argv)
     runs_dir, runs = load_sweep(args.sweep, args.runs_dir)
+    if args.status:
+        print(status(runs_dir, runs))
+        return 0
     states = {name: run_state(REPO / runs_dir / name, cfg) for name, _, cfg in runs}
+    todo = [(name, argv, cfg) for name, argv, cfg in runs if states[name] != "done"]
 
     if args.dry_run:
         for name, argv, _ in runs:
@@ -238,29 +298,45 @@ def main(argv=None):
                 continue
             print(
                 shlex.join(
-                    ["torchrun", "--standalone", f"--nproc_per_node={args.nproc_per_node}", "train.py", *argv]
+                    ["torchrun", "--standalone", f"--nproc_per_node={args.gpus_per_run}", "train.py", *argv]
                 )
             )
         return 0
+    if args.launcher == "slurm":
+        for name, _, _ in runs:
+            if states[name] == "done":
+                print(f"{name}: finished before, skipped")
+        options = {k: getattr(args, k) for k in SLURM_OPTIONS}
+        folder = REPO / runs_dir / "submitit"
+        jobs = submit(
+            [(n, REPO / runs_dir / n, a, c.num_iterations) for n, a, c in todo],
+            folder,
+            args.submitit_cluster,
+            options,
+        )
+        for (name, _, _), job in zip(todo, jobs, strict=True):
+            print(f"{name}: submitted as job {job.job_id}")
+        print(f"{len(jobs)} jobs; their logs are in {folder}; `--status` follows them")
+        return 0
 
-    outcome = {}
-    for i, (name, argv, cfg) in enumerate(runs, 1):
+    slots = device_slots(args.parallel, args.gpus_per_run)
+    number = {name: i for i, (name, _, _) in enumerate(runs, 1)}
+    outcome = {name: "skipped" for name, _, _ in runs if states[name] == "done"}
+    for name in outcome:
+        print(f"[{number[name]}/{len(runs)}] {name}: finished before, skipped", flush=True)
+    cfgs = {name: cfg for name, _, cfg in runs}
+
+    def report(name, event, seconds, rc=None):
+        prefix = f"[{number[name]}/{len(runs)}] {name}:"
         run_dir = REPO / runs_dir / name
-        prefix = f"[{i}/{len(runs)}] {name}:"
-        if states[name] == "done":
-            outcome[name] = "skipped"
-            print(f"{prefix} finished before, skipped", flush=True)
-            continue
-        resumed = f" (resuming from {list_checkpoints(run_dir)[-1].name})" if states[name] == "resume" else ""
-        print(f"{prefix} running{resumed}, log in {run_dir / 'train.log'}", flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with open(run_dir / "train.log", "a") as log:
-            rc = train(command(argv, args.nproc_per_node), log)
-        seconds = time.perf_counter() - start
+        if event == "start":
+            checkpoints = list_checkpoints(run_dir)
+            resumed = f" (resuming from {checkpoints[-1].name})" if checkpoints else ""
+            print(f"{prefix} running{resumed}, log in {run_dir / 'train.log'}", flush=True)
+            return
         records = read_records(run_dir)
         # The records decide, not the exit code: a gloo rank rarely aborts at exit after its work.
-        if finished(records, cfg):
+        if finished(records, cfgs[name]):
             outcome[name] = "done"
             note = f" (exit {rc})" if rc else ""
             val = last_val_loss(records)  # the last step is always evaluated
@@ -269,6 +345,12 @@ def main(argv=None):
             outcome[name] = "failed"
             last = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or [""]
             print(f"{prefix} FAILED (exit {rc}) after {seconds:.0f} s: {last[0]}", flush=True)
+
+    run_parallel(
+        [(name, REPO / runs_dir / name, command(argv, args.gpus_per_run)) for name, argv, _ in todo],
+        slots,
+        report,
+    )
     print()
     print(summary(runs_dir, runs, outcome))
     return 1 if "failed" in outcome.values() else 0
@@ -278,5 +360,5 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwinds through train(), which stops the run
     try:
         sys.exit(main())
-    except SweepError as e:
+    except (SweepError, LaunchError) as e:
         sys.exit(f"error: {e}")

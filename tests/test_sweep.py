@@ -102,7 +102,7 @@ def test_an_interrupted_point_resumes_from_its_checkpoint(finished, tmp_path, ca
 
 def test_dry_run_prints_torchrun_commands_and_runs_nothing(finished, tmp_path, capsys):
     path, runs = finished
-    assert sweep.main([str(path), "--runs_dir", str(tmp_path), "--dry-run", "--nproc_per_node", "4"]) == 0
+    assert sweep.main([str(path), "--runs_dir", str(tmp_path), "--dry-run", "--gpus_per_run", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and not list(tmp_path.iterdir())
     for line, name in zip(lines, POINTS, strict=True):
