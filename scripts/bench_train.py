@@ -5,8 +5,11 @@
         --ortho_fraction 0.25 --compile true
     python scripts/bench_train.py --config configs/tiny_cpu.yaml --optimizer muon,dion2,adamw \\
         --diagnostics_every 10 --steps 60                  # what the diagnostics cost
+    python scripts/bench_train.py --config configs/tiny_cpu.yaml --optimizer dion2 \\
+        --activation_checkpointing none,selective,full     # memory against recompute
 
-Each optimizer in `--optimizer` runs in a fresh process: `--warmup` steps (compilation
+Each optimizer in `--optimizer`, under each mode in `--activation_checkpointing` (a list here;
+the config's mode when it is not given), runs in a fresh process: `--warmup` steps (compilation
 happens there), then `--steps` timed training steps of the config on random tokens, in one
 process on one device. The model is built and each step taken by the very functions that
 train.py calls (training/model_setup.py, training/step.py): every micro-batch's forward and
@@ -17,7 +20,7 @@ Reported per optimizer: median step time, tokens/s, the shares of forward+backwa
 rest of the step (clipping, the loss check and optimizer.step()), peak memory (CUDA: the
 allocator's peak; CPU: the process's peak resident set), and on CUDA the model FLOPs
 utilization against the device's dense bf16 peak (`--peak_tflops` overrides the table).
-Ratios are against the first optimizer listed. The optimizer diagnostics run every
+Ratios are against the first run listed. The optimizer diagnostics run every
 `diagnostics_every` steps, as in train.py; their cost is the median measured step's excess over
 the median plain step, spread over the steps between two measured ones.
 """
@@ -139,19 +142,20 @@ def measure(argv, optimizer, steps, warmup, peak_override):
 
 
 def report(results, steps, warmup):
-    """Print the side-by-side table and the ratios to the first optimizer."""
+    """Print the side-by-side table and the ratios to the first run."""
     first = next(iter(results.values()))
     peak = first["peak_tflops"]
     print(
         f"{first['device']}: median of {steps} steps after {warmup} warm-up steps, "
         f"{first['tokens_per_step']:,} tokens/step"
     )
-    header = f"{'optimizer':<10} {'step ms':>9} {'tokens/s':>11} {'fwd+bwd':>8} {'optim':>7} {'peak GiB':>9}"
+    width = max(10, *map(len, results))
+    header = f"{'run':<{width}} {'step ms':>9} {'tokens/s':>11} {'fwd+bwd':>8} {'optim':>7} {'peak GiB':>9}"
     print(header + (f" {'MFU':>6}" if peak else ""))
     for name, r in results.items():
         tokens_per_s = r["tokens_per_step"] / r["step"]
         line = (
-            f"{name:<10} {r['step'] * 1e3:>9.1f} {tokens_per_s:>11,.0f} "
+            f"{name:<{width}} {r['step'] * 1e3:>9.1f} {tokens_per_s:>11,.0f} "
             f"{r['forward_backward'] / r['step']:>8.1%} {r['optimizer'] / r['step']:>7.1%} "
             f"{r['peak_bytes'] / 2**30:>9.2f}"
         )
@@ -170,9 +174,12 @@ def report(results, steps, warmup):
             )
     base_name = next(iter(results))
     print(f"ratios to {base_name}:")
-    print(f"{'optimizer':<10} {'tokens/s':>9} {'optim ms':>9}")
+    print(f"{'run':<{width}} {'tokens/s':>9} {'optim ms':>9} {'peak mem':>9}")
     for name, r in results.items():
-        print(f"{name:<10} {first['step'] / r['step']:>9.3f} {r['optimizer'] / first['optimizer']:>9.3f}")
+        print(
+            f"{name:<{width}} {first['step'] / r['step']:>9.3f} {r['optimizer'] / first['optimizer']:>9.3f} "
+            f"{r['peak_bytes'] / first['peak_bytes']:>9.3f}"
+        )
 
 
 def parse_args(argv):
@@ -181,6 +188,11 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak, for MFU")
+    parser.add_argument(
+        "--activation_checkpointing",
+        default=None,
+        help="comma-separated modes to compare, each with every optimizer (default: the config's)",
+    )
     args, config_argv = parser.parse_known_args(argv)
     names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
     unknown = [n for n in names if n not in CHOICES["optimizer"]]
@@ -191,28 +203,36 @@ def parse_args(argv):
         )
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    return args, names, config_argv
+    runs = {name: (name, config_argv) for name in names}
+    if args.activation_checkpointing is not None:
+        modes = [m.strip() for m in args.activation_checkpointing.split(",") if m.strip()]
+        runs = {
+            f"{name} ac={mode}": (name, [*config_argv, "--activation_checkpointing", mode])
+            for name in names
+            for mode in modes
+        }
+    return args, runs
 
 
 def main(argv):
-    args, names, config_argv = parse_args(argv)
+    args, runs = parse_args(argv)
     try:
-        for name in names:  # bad config input fails here, before any work
-            load_config_for(config_argv, name)
+        for name, run_argv in runs.values():  # bad config input fails here, before any work
+            load_config_for(run_argv, name)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     results = {}
-    # A fresh process per optimizer, so that the peak memory and the caches are its own.
+    # A fresh process per run, so that the peak memory and the caches are its own.
     context = multiprocessing.get_context("spawn")
-    for name in names:
+    for label, (name, run_argv) in runs.items():
         with context.Pool(1) as pool:
             try:
-                results[name] = pool.apply(
-                    measure, (config_argv, name, args.steps, args.warmup, args.peak_tflops)
+                results[label] = pool.apply(
+                    measure, (run_argv, name, args.steps, args.warmup, args.peak_tflops)
                 )
             except (ConfigError, ParamGroupError) as e:
-                sys.exit(f"error: {name}: {e}")
-        print(f"{name}: {results[name]['step'] * 1e3:.1f} ms/step", file=sys.stderr)
+                sys.exit(f"error: {label}: {e}")
+        print(f"{label}: {results[label]['step'] * 1e3:.1f} ms/step", file=sys.stderr)
     report(results, args.steps, args.warmup)
 
 

@@ -70,9 +70,24 @@ def test_bench_train_compares_optimizers_on_cpu():
     for name in ("muon", "dion2", "adamw"):
         # step ms, tokens/s, the two shares and the peak memory
         assert re.search(rf"^{name}\s+[\d.]+\s+[\d,]+\s+[\d.]+%\s+[\d.]+%\s+[\d.]+$", out, re.M), name
-        assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+$", out[out.index("ratios to muon") :], re.M), name
-    assert re.search(r"^muon\s+1\.000\s+1\.000$", out, re.M)
+        ratios = out[out.index("ratios to muon") :]
+        assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", ratios, re.M), name
+    assert re.search(r"^muon\s+1\.000\s+1\.000\s+1\.000$", out, re.M)
     assert "MFU" not in out  # CUDA only
+
+
+def test_bench_train_compares_activation_checkpointing():
+    done = run_script(
+        "bench_train.py",
+        *("--config", "configs/tiny_cpu.yaml", "--optimizer", "dion2", "--steps", "1", "--warmup", "0"),
+        *("--activation_checkpointing", "none,full"),
+    )
+    assert done.returncode == 0, done.stderr
+    for mode in ("none", "full"):
+        assert re.search(
+            rf"^dion2 ac={mode}\s+[\d.]+\s+[\d,]+\s+[\d.]+%\s+[\d.]+%\s+[\d.]+$", done.stdout, re.M
+        )
+    assert "ratios to dion2 ac=none" in done.stdout
 
 
 @pytest.mark.parametrize(
@@ -80,6 +95,7 @@ def test_bench_train_compares_optimizers_on_cpu():
     [
         (["--optimizer", "muon,sgd"], "--optimizer 'muon,sgd': unknown sgd; allowed: dion2, nordion2, muon"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--activation_checkpointing", "none,half"], "activation_checkpointing must be one of none, full"),
         (["--n_layers", "2"], "error: command line: unknown key '--n_layers'; did you mean 'n_layer'?"),
     ],
 )

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from data.tokenizer import TOKENIZERS
+from models.activation_checkpointing import AC_MODES
 from optimizers.hyperparameters import CHOICES as HYPERPARAMETER_CHOICES
 from optimizers.hyperparameters import check_compressed_sync, choice_text
 from optimizers.registry import NS_DTYPES, OPTIMIZER_KEYS, OPTIMIZERS, check_values, reads
@@ -159,6 +160,13 @@ class TrainConfig:
         None, "FSDP ranks (an unset size is 1); the product dp x fs x tp must equal the world size"
     )
     tp_size: int | None = key(None, "tensor-parallel ranks; must divide `n_head` and the padded vocabulary")
+    # memory
+    activation_checkpointing: str = key(
+        "none",
+        "recompute blocks' activations in the backward instead of keeping them: `none`, `full` (every "
+        "block) or `selective` (every `ac_every`-th block, from the first)",
+    )
+    ac_every: int = key(2, "with `activation_checkpointing: selective`, checkpoint one block in this many")
     # hardware
     compile: bool = key(
         False,
@@ -185,6 +193,7 @@ CHOICES = {
     "precision": PRECISIONS,
     "ns_dtype": tuple(NS_DTYPES),
     "tokenizer": tuple(TOKENIZERS),
+    "activation_checkpointing": AC_MODES,
     **{
         key: HYPERPARAMETER_CHOICES[argument]
         for spec in OPTIMIZERS.values()
@@ -296,6 +305,7 @@ def validate(cfg):
         "num_iterations",
         "val_tokens",
         "keep_checkpoints",
+        "ac_every",
     )
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -326,9 +336,14 @@ def validate(cfg):
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be a multiple of device_batch_size {cfg.device_batch_size}"
         )
-    for key in ("optimizer", "scalar_opt", "precision", "ns_dtype", "tokenizer"):
+    for key in ("optimizer", "scalar_opt", "precision", "ns_dtype", "tokenizer", "activation_checkpointing"):
         if getattr(cfg, key) not in CHOICES[key]:
             raise ConfigError(f"{key} must be one of {choice_text(CHOICES[key])}, got '{getattr(cfg, key)}'")
+    if cfg.ac_every != KEYS["ac_every"].default and cfg.activation_checkpointing != "selective":
+        raise ConfigError(
+            f"ac_every {cfg.ac_every} is read only with activation_checkpointing selective, not "
+            f"'{cfg.activation_checkpointing}'; leave it at its default {KEYS['ac_every'].default}"
+        )
     foreign = foreign_keys(cfg)
     if foreign:
         key = foreign[0]
