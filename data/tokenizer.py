@@ -62,15 +62,20 @@ def gpt2_encoding(ranks_path=None):
 @dataclass(frozen=True)
 class Tokenizer:
     """What a run needs of a tokenizer: how many ids it has, the id that starts each document,
-    and how ids read as text."""
+    how ids read as text, and how text reads as ids (for evaluation)."""
 
     vocab_size: int
     eot: int
     decode_ids: object
+    encode_text: object
 
     def decode(self, ids):
         """The text of `ids`."""
         return self.decode_ids(ids)
+
+    def encode(self, text):
+        """The ids of `text`, with no document separator; special tokens are read as plain text."""
+        return self.encode_text(text)
 
 
 # Byte 0 never occurs in text, so it marks where each document starts.
@@ -87,7 +92,12 @@ def _decode_bytes(ids):
 
 
 TOKENIZERS = {
-    "gpt2": Tokenizer(EOT_TOKEN + 1, EOT_TOKEN, lambda ids: _gpt2_decoder().decode(ids)),
+    "gpt2": Tokenizer(
+        EOT_TOKEN + 1,
+        EOT_TOKEN,
+        lambda ids: _gpt2_decoder().decode(ids),
+        lambda text: _gpt2_decoder().encode_ordinary(text),
+    ),
     # 256 ids: the embedding and lm_head are tiny, so the hidden matrices carry the compute.
-    "bytes": Tokenizer(256, BYTES_EOT, _decode_bytes),
+    "bytes": Tokenizer(256, BYTES_EOT, _decode_bytes, lambda text: list(text.encode("utf-8"))),
 }

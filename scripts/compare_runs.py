@@ -17,6 +17,9 @@ their seed are one configuration. `--baseline` names one configuration by key=va
   training steps had taken as long as the fastest run's whole training (the sum of
   `step_time`, which leaves out evaluation and checkpoints).
 
+When runs were scored on downstream tasks (scripts/evaluate.py), a second table gives each
+task's metrics (of each run's newest evaluation) the same way: mean, interval and p-value.
+
 Written to --out (default: the first folder given): comparison.md (also printed) and
 comparison.png.
 """
@@ -152,6 +155,47 @@ def _p_cell(values, baseline, is_baseline):
     return "-" if math.isnan(p) else f"{p:.3g}"
 
 
+def downstream_table(groups, baseline):
+    """Markdown lines: per configuration, each downstream metric over the seeds that were
+    scored, with the p-value against the baseline; [] when no run was scored."""
+    metrics = dict.fromkeys(
+        name
+        for group in groups.values()
+        for r in group
+        if r["evaluation"]
+        for name in r["evaluation"]["metrics"]
+        if not name.endswith("_stderr")
+    )
+    if not metrics:
+        return []
+
+    def scores(group, name):
+        return [
+            r["evaluation"]["metrics"][name]
+            for r in group
+            if name in (r["evaluation"] or {}).get("metrics", {})
+        ]
+
+    lines = [
+        "",
+        "Downstream (scripts/evaluate.py, each run's newest evaluation): mean [95% interval] over the "
+        "scored seeds, and p against the baseline.",
+        "",
+        "| configuration | scored | " + " | ".join(f"{name} | p" for name in metrics) + " |",
+        "|---|---:|" + "---:|---:|" * len(metrics),
+    ]
+    for label, group in groups.items():
+        cells = [label, str(sum(r["evaluation"] is not None for r in group))]
+        for name in metrics:
+            values, base = scores(group, name), scores(groups[baseline], name)
+            if not values:
+                cells += ["-", "-"]
+                continue
+            cells += [_interval_cell(values), _p_cell(values, base, label == baseline) if base else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def comparison(runs, baseline_name, target=None):
     """(markdown table, {label: measures}, baseline label, target, seconds) for the runs."""
     runs = [r for r in runs if r["val"]]
@@ -186,6 +230,7 @@ def comparison(runs, baseline_name, target=None):
             _p_cell(column["at_time"], base_column["at_time"], label == baseline),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += downstream_table(groups, baseline)
     return "\n".join(lines) + "\n", measured, baseline, target, seconds
 
 

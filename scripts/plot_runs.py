@@ -10,7 +10,8 @@ are labelled by the config keys whose values differ between them, leaving out ke
 run's optimizer does not read. Written to --out (default: the first folder given):
 val_loss.png, with a second panel zoomed on the last part of the run when --zoom is given;
 final_losses.md, the table of final losses (also printed), with the mean train loss of the
-last quarter of the steps next to them; selection.png, Dion2's selection diagnostics, and
+last quarter of the steps next to them, and the downstream scores of the runs that
+scripts/evaluate.py scored; selection.png, Dion2's selection diagnostics, and
 diagnostics.png, the optimizer's (training/diagnostics.py), when the runs logged them.
 """
 
@@ -77,7 +78,33 @@ def final_loss_tables(runs):
                 f"{tail:.4f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + downstream_rows(rows)) + "\n"
+
+
+def downstream_rows(runs):
+    """Markdown lines: each scored run's newest downstream metrics, with their standard errors."""
+    scored = [r for r in runs if r["evaluation"]]
+    metrics = dict.fromkeys(
+        name for r in scored for name in r["evaluation"]["metrics"] if not name.endswith("_stderr")
+    )
+    if not metrics:
+        return []
+    lines = [
+        "",
+        "| run | evaluated step | " + " | ".join(metrics) + " |",
+        "|---|---:|" + "---:|" * len(metrics),
+    ]
+    for r in scored:
+        values = r["evaluation"]["metrics"]
+        cells = [r["label"], str(r["evaluation"]["step"])]
+        for name in metrics:
+            error = values.get(f"{name}_stderr")
+            cell = "-" if name not in values else f"{values[name]:.4f}"
+            if isinstance(error, float) and name in values:
+                cell += f" ± {error:.4f}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _styles(runs):

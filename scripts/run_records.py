@@ -1,6 +1,8 @@
 """Finished or running training runs read back from their folders, for plot_runs.py and
 compare_runs.py: where the runs are, their configs and metrics, and labels that tell them apart."""
 
+import json
+import re
 import statistics
 from pathlib import Path
 
@@ -18,6 +20,33 @@ READERS = {
     for key in OPTIMIZER_KEYS
     if key not in RUN_KEYS
 }
+
+
+# evaluate.py's results: one JSON file per evaluated checkpoint, under the run's folder.
+EVALUATIONS = "eval"
+EVALUATION_RE = re.compile(r"^step_(\d+)\.json$")
+
+
+def evaluation_path(run_dir, step):
+    """Where evaluate.py writes the downstream results of a run's checkpoint of `step`."""
+    return Path(run_dir) / EVALUATIONS / f"step_{step:06d}.json"
+
+
+def load_evaluation(run_dir):
+    """The newest downstream results of a run: {"step", "metrics": {"task/metric": value}}, or None."""
+    folder = Path(run_dir) / EVALUATIONS
+    found = sorted(
+        (int(m.group(1)), p) for p in folder.glob("step_*.json") if (m := EVALUATION_RE.match(p.name))
+    )
+    if not found:
+        return None
+    step, path = found[-1]
+    try:
+        tasks = json.loads(path.read_text())["tasks"]
+    except (OSError, ValueError, KeyError) as e:
+        raise RunsError(f"{path} is not an evaluation written by evaluate.py: {e}") from None
+    metrics = {f"{task}/{name}": value for task, values in tasks.items() for name, value in values.items()}
+    return {"step": step, "metrics": metrics}
 
 
 class RunsError(ValueError):
@@ -62,8 +91,10 @@ def labels(configs):
 def load_runs(paths, axis="steps"):
     """Every run under `paths` as a dict: its config and records; `label` (what sets it apart),
     `seedless` (the label of its configuration over seeds); `val`, its (step, val loss) pairs;
-    `x`, step -> steps or tokens as `axis` says; `tokens`, step -> tokens."""
-    loaded = [load_run(d) for d in find_runs(paths)]
+    `x`, step -> steps or tokens as `axis` says; `tokens`, step -> tokens; `evaluation`, its
+    newest downstream results (`load_evaluation`) or None."""
+    run_dirs = find_runs(paths)
+    loaded = [load_run(d) for d in run_dirs]
     configs = [c for c, _ in loaded]
     seedless = labels([{k: v for k, v in c.items() if k != "seed"} for c in configs])
     return [
@@ -75,8 +106,11 @@ def load_runs(paths, axis="steps"):
             "x": {r["step"]: r["step"] if axis == "steps" else r["tokens"] for r in records},
             "val": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
             "tokens": {r["step"]: r["tokens"] for r in records},
+            "evaluation": load_evaluation(run_dir),
         }
-        for i, ((config, records), label) in enumerate(zip(loaded, labels(configs), strict=True))
+        for i, (run_dir, (config, records), label) in enumerate(
+            zip(run_dirs, loaded, labels(configs), strict=True)
+        )
     ]
 
 

@@ -5,6 +5,7 @@
     python scripts/sweep.py configs/sweeps/paper_304m.yaml --launcher slurm \\
         --gpus_per_run 8 --partition gpu --time 1440                   # one Slurm job a point
     python scripts/sweep.py configs/sweeps/paper_304m.yaml --status    # each point's state
+    python scripts/sweep.py configs/sweeps/paper_304m.yaml --evaluate hellaswag,arc_easy,piqa
 
 A sweep file has three keys:
 
@@ -18,6 +19,10 @@ Dion2 fraction sweep. Each point is the run runs/<sweep>/<key=value,...>, named 
 values. Running the sweep again, with either launcher, skips finished points and resumes
 interrupted ones from their newest checkpoint; a point whose folder holds a run of another
 config is refused. The launchers are in scripts/sweep_launchers.py.
+
+With `--evaluate TASKS`, every finished point whose newest checkpoint has no evaluation yet is
+scored by scripts/evaluate.py (lm-eval; `--evaluate_args` passes it more options), here after
+the training, or inside each Slurm job.
 """
 
 import argparse
@@ -32,11 +37,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import yaml
 
+from scripts import evaluate
+from scripts.run_records import load_evaluation
 from scripts.sweep_launchers import (
     LaunchError,
     command,
     device_slots,
+    evaluate_run,
     job_state,
+    needs_evaluation,
     read_launch,
     run_parallel,
     submit,
@@ -230,6 +239,12 @@ def parse_args(argv):
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local", help="where the runs go")
     parser.add_argument("--status", action="store_true", help="print each point's state, step and loss")
     parser.add_argument("--dry-run", action="store_true", help="print the torchrun commands, run nothing")
+    parser.add_argument("--evaluate", metavar="TASKS", help="score finished points on these lm-eval tasks")
+    parser.add_argument(
+        "--evaluate_args",
+        default="",
+        help="more options of evaluate.py, such as '--limit 500 --batch_size 32'",
+    )
     slurm = parser.add_argument_group("--launcher slurm (through submitit)")
     slurm.add_argument("--partition", help="Slurm partition")
     slurm.add_argument("--account", help="Slurm account")
@@ -247,6 +262,19 @@ def parse_args(argv):
     for name in ("gpus_per_run", "parallel", "time", "gpus_per_node", "cpus_per_task"):
         if getattr(args, name) < 1:
             raise SweepError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    args.evaluate_argv = None
+    if args.evaluate is not None:
+        args.evaluate_argv = ["--tasks", args.evaluate, *shlex.split(args.evaluate_args)]
+        # evaluate.py's own checks, here before any run: its options, and lm-eval installed.
+        try:
+            evaluate.parse_args(["--checkpoint", ".", *args.evaluate_argv])
+        except SystemExit:
+            raise SweepError(
+                f"--evaluate_args '{args.evaluate_args}' holds options evaluate.py refuses"
+            ) from None
+        evaluate.require_lm_eval()
+    elif args.evaluate_args:
+        raise SweepError("--evaluate_args is read only with --evaluate TASKS")
     return args
 
 
@@ -290,6 +318,13 @@ def main(argv=None):
         return 0
     states = {name: run_state(REPO / runs_dir / name, cfg) for name, _, cfg in runs}
     todo = [(name, argv, cfg) for name, argv, cfg in runs if states[name] != "done"]
+    unscored = [
+        name
+        for name, _, _ in runs
+        if args.evaluate_argv is not None
+        and states[name] == "done"
+        and needs_evaluation(REPO / runs_dir / name)
+    ]
 
     if args.dry_run:
         for name, argv, _ in runs:
@@ -305,7 +340,8 @@ def main(argv=None):
     if args.launcher == "slurm":
         for name, _, _ in runs:
             if states[name] == "done":
-                print(f"{name}: finished before, skipped")
+                print(f"{name}: finished before, " + ("to be scored" if name in unscored else "skipped"))
+        todo = [point for point in runs if point[0] in unscored or states[point[0]] != "done"]
         options = {k: getattr(args, k) for k in SLURM_OPTIONS}
         folder = REPO / runs_dir / "submitit"
         jobs = submit(
@@ -313,6 +349,7 @@ def main(argv=None):
             folder,
             args.submitit_cluster,
             options,
+            args.evaluate_argv,
         )
         for (name, _, _), job in zip(todo, jobs, strict=True):
             print(f"{name}: submitted as job {job.job_id}")
@@ -341,6 +378,8 @@ def main(argv=None):
             note = f" (exit {rc})" if rc else ""
             val = last_val_loss(records)  # the last step is always evaluated
             print(f"{prefix} done in {seconds:.0f} s, val_loss {val:.4f}{note}", flush=True)
+            if args.evaluate_argv is not None:
+                unscored.append(name)
         else:
             outcome[name] = "failed"
             last = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or [""]
@@ -351,14 +390,27 @@ def main(argv=None):
         slots,
         report,
     )
+    # One at a time, after the training: an evaluation takes the whole machine.
+    for name in unscored:
+        run_dir = REPO / runs_dir / name
+        code = evaluate_run(run_dir, args.evaluate_argv)
+        prefix = f"[{number[name]}/{len(runs)}] {name}:"
+        if code:
+            outcome[name] = "unscored"
+            last = (run_dir / "eval.log").read_text().strip().splitlines()[-1:] or [""]
+            print(f"{prefix} evaluation FAILED (exit {code}): {last[0]}", flush=True)
+        else:
+            scores = load_evaluation(run_dir)["metrics"]
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.endswith("_stderr"))
+            print(f"{prefix} evaluated: {shown}", flush=True)
     print()
     print(summary(runs_dir, runs, outcome))
-    return 1 if "failed" in outcome.values() else 0
+    return 1 if {"failed", "unscored"} & set(outcome.values()) else 0
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwinds through train(), which stops the run
     try:
         sys.exit(main())
-    except (SweepError, LaunchError) as e:
+    except (SweepError, LaunchError, evaluate.EvaluationError) as e:
         sys.exit(f"error: {e}")

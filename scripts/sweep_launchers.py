@@ -4,6 +4,8 @@ Both launchers start train.py the same way (`command`), always with `--resume au
 point that was stopped, preempted or requeued continues from its newest checkpoint, and a
 finished one is skipped by whichever launcher comes next. Each launch leaves `launch.json` in
 the point's folder: who runs it, where, and as which process or job (`sweep.py --status`).
+With `--evaluate`, a finished point's newest checkpoint is then scored by scripts/evaluate.py
+(`evaluation_command`), its output in the point's eval.log.
 """
 
 import json
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import submitit
 
+from scripts.run_records import evaluation_path
 from training.checkpoint import list_checkpoints
 from training.metrics import read_metrics
 
@@ -63,6 +66,25 @@ def newest_step(run_dir):
     """The step of the newest checkpoint of a run (0 if none)."""
     checkpoints = list_checkpoints(run_dir)
     return int(checkpoints[-1].name.removeprefix("step_")) if checkpoints else 0
+
+
+def evaluation_command(run_dir, evaluate_argv):
+    """The command line that scores a run's newest checkpoint: evaluate.py with `evaluate_argv`
+    (`--tasks ...` and any other of its options)."""
+    return [sys.executable, "scripts/evaluate.py", "--checkpoint", str(run_dir), *evaluate_argv]
+
+
+def needs_evaluation(run_dir):
+    """Whether a run's newest checkpoint has no evaluation yet."""
+    return not evaluation_path(run_dir, newest_step(run_dir)).is_file()
+
+
+def evaluate_run(run_dir, evaluate_argv):
+    """Score a run's newest checkpoint, the output appended to its eval.log; return the exit code."""
+    with open(Path(run_dir) / "eval.log", "a") as log:
+        return subprocess.run(
+            evaluation_command(run_dir, evaluate_argv), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
 
 
 def write_launch(run_dir, **record):
@@ -155,31 +177,46 @@ class PointJob:
     preemption (SIGTERM to every process: the ranks checkpoint and exit) or a crash after a
     checkpoint. submitit's own signal (SIGUSR2 by default: Slurm's time-limit warning, or
     `job._interrupt()`) stops the run the same way first. The requeued job resumes the run
-    from its checkpoint. A run that stops without progress fails the job.
+    from its checkpoint. A run that stops without progress fails the job. With `evaluate_argv`,
+    the finished run is then scored on the first node (a run finished before is only scored).
     """
 
-    def __init__(self, name, argv, run_dir, num_iterations, nproc_per_node, nodes):
+    def __init__(self, name, argv, run_dir, num_iterations, nproc_per_node, nodes, evaluate_argv=None):
         self.name, self.argv, self.run_dir = name, list(argv), str(run_dir)
         self.num_iterations, self.nproc_per_node, self.nodes = num_iterations, nproc_per_node, nodes
+        self.evaluate_argv = evaluate_argv
         self._child = None
 
     def __getstate__(self):
         return {**self.__dict__, "_child": None}  # a process does not travel to the next job
 
+    def _finished(self):
+        path = Path(self.run_dir) / "metrics.jsonl"
+        records = read_metrics(self.run_dir) if path.is_file() else []
+        return bool(records) and records[-1]["step"] == self.num_iterations
+
     def __call__(self):
         env = submitit.JobEnvironment()
-        start = newest_step(self.run_dir)
-        cmd = command(
-            self.argv, self.nproc_per_node, self.nodes, env.node, env.hostnames[0], env.job_id.split("_")[0]
-        )
-        with open(Path(self.run_dir) / "train.log", "a") as log:
-            self._child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-            code = self._wait()
+        start, code = newest_step(self.run_dir), 0
+        if not self._finished():
+            cmd = command(
+                self.argv,
+                self.nproc_per_node,
+                self.nodes,
+                env.node,
+                env.hostnames[0],
+                env.job_id.split("_")[0],
+            )
+            with open(Path(self.run_dir) / "train.log", "a") as log:
+                self._child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                code = self._wait()
         if env.global_rank != 0:
             return code
-        records = read_metrics(self.run_dir) if (Path(self.run_dir) / "metrics.jsonl").is_file() else []
-        if records and records[-1]["step"] == self.num_iterations:
-            return {"point": self.name, "step": records[-1]["step"], "exit": code}
+        if self._finished():
+            result = {"point": self.name, "step": self.num_iterations, "exit": code}
+            if self.evaluate_argv is not None:
+                result["evaluation_exit"] = evaluate_run(self.run_dir, self.evaluate_argv)
+            return result
         if newest_step(self.run_dir) > start:
             # Requeue through submitit's own handler: it calls checkpoint() and requeues the job
             # wherever it runs (scontrol on Slurm, a restart on the local executor).
@@ -210,9 +247,10 @@ class PointJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def submit(points, folder, cluster, options):
+def submit(points, folder, cluster, options, evaluate_argv=None):
     """Submit one PointJob per point [(name, run_dir, argv, num_iterations)] through submitit on `cluster`
-    (slurm, or local/debug to try the jobs on this machine); return the jobs."""
+    (slurm, or local/debug to try the jobs on this machine), each scored after training with
+    `evaluate_argv` when given; return the jobs."""
     gpus_per_run, gpus_per_node = options["gpus_per_run"], options["gpus_per_node"]
     nodes = -(-gpus_per_run // gpus_per_node)
     if nodes > 1 and gpus_per_run % gpus_per_node:
@@ -240,7 +278,7 @@ def submit(points, folder, cluster, options):
     jobs = []
     for name, run_dir, argv, num_iterations in points:
         executor.update_parameters(name=name)
-        job = executor.submit(PointJob(name, argv, run_dir, num_iterations, per_node, nodes))
+        job = executor.submit(PointJob(name, argv, run_dir, num_iterations, per_node, nodes, evaluate_argv))
         write_launch(run_dir, launcher="slurm", cluster=cluster, job_id=job.job_id, folder=str(folder))
         jobs.append(job)
     return jobs

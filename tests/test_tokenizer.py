@@ -90,6 +90,16 @@ def test_bytes_round_trip_and_separate_documents():
     assert TOKENIZERS["gpt2"].decode([15496, 995]) == "Hello world"
 
 
+def test_encode_reads_text_as_the_ids_decode_reads_back():
+    assert TOKENIZERS["gpt2"].encode("Hello world") == [15496, 995]
+    assert TOKENIZERS["bytes"].encode("Æ I") == [195, 134, 32, 73]
+    # An end-of-text marker in the text is text, not the separator.
+    for tokenizer in TOKENIZERS.values():
+        text = "a <|endoftext|> b"
+        assert tokenizer.eot not in tokenizer.encode(text)
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
 def test_the_shipped_byte_data_is_the_shakespeare_plays_as_bytes(tmp_path, monkeypatch):
     import data.build_shakespeare_bytes as build
 

@@ -17,7 +17,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 META = "meta.json"
@@ -242,15 +247,13 @@ class _SafePlanner(dcp.DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
-def load_model_and_optimizer(path, model, optimizer):
-    """Load a checkpoint's model and optimizer into a model and optimizer of any layout."""
+def _load(path, state):
+    """Fill `state` (a dict of state dicts keyed as saved) from the checkpoint folder `path`."""
     reader = _SafeReader(Path(path))
     try:
         reader.read_metadata()  # a refused .metadata is named here rather than inside DCP's retries
     except (OSError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from None
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
     try:
         with single_process_quiet():
             dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=not dist.is_initialized())
@@ -259,7 +262,21 @@ def load_model_and_optimizer(path, model, optimizer):
         raise CheckpointError(
             f"checkpoint {path} cannot be read: {getattr(first, 'exception', first)}"
         ) from None
+
+
+def load_model_and_optimizer(path, model, optimizer):
+    """Load a checkpoint's model and optimizer into a model and optimizer of any layout."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    _load(path, state)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_model(path, model):
+    """Load only a checkpoint's model (no optimizer state is read) into a model of any layout."""
+    state = {"model": get_model_state_dict(model)}
+    _load(path, state)
+    set_model_state_dict(model, state["model"])
 
 
 def resolve_resume(resume, run_dir):
