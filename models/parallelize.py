@@ -8,6 +8,28 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from optimizers.sharding import local_tensor
 
+# Each block matrix's TP style. Colwise splits a Linear's output features (its weight's dim 0),
+# Rowwise its input features (dim 1).
+BLOCK_TP_PLAN = {
+    "attn.q": ColwiseParallel,
+    "attn.k": ColwiseParallel,
+    "attn.v": ColwiseParallel,
+    "attn.out": RowwiseParallel,
+    "mlp.fc": ColwiseParallel,
+    "mlp.proj": RowwiseParallel,
+}
+
+
+def tp_weight_dim(name):
+    """The weight dimension that TP splits of the parameter `name` (as named_parameters gives
+    it), or None for one it leaves whole: the embedding's and lm_head's vocabulary rows, and
+    the block matrices' dimension of their style."""
+    if name in ("embed.weight", "lm_head.weight"):
+        return 0
+    module = name.split(".", 2)[-1].removesuffix(".weight")
+    style = BLOCK_TP_PLAN.get(module) if name.startswith("blocks.") else None
+    return None if style is None else (0 if style is ColwiseParallel else 1)
+
 
 def apply_tp(model, tp_mesh):
     """Shard the model over `tp_mesh` (Megatron style): q, k, v and the MLP input by output
@@ -22,18 +44,7 @@ def apply_tp(model, tp_mesh):
         },
     )
     for block in model.blocks:
-        parallelize_module(
-            block,
-            tp_mesh,
-            {
-                "attn.q": ColwiseParallel(),
-                "attn.k": ColwiseParallel(),
-                "attn.v": ColwiseParallel(),
-                "attn.out": RowwiseParallel(),
-                "mlp.fc": ColwiseParallel(),
-                "mlp.proj": RowwiseParallel(),
-            },
-        )
+        parallelize_module(block, tp_mesh, {name: style() for name, style in BLOCK_TP_PLAN.items()})
     return model
 
 
@@ -57,12 +68,15 @@ def sync_tp_partial_grads(model, tp_mesh):
     )
 
 
+def fsdp_dim(tp_dim):
+    """The dimension FSDP shards of a parameter whose TP-split dimension is `tp_dim` (None: not
+    split): the one tensor parallelism leaves whole, so every rank holds one contiguous block."""
+    return 1 if tp_dim == 0 else 0
+
+
 def fsdp_placement(param):
-    """FSDP's shard of a parameter: the dimension that tensor parallelism leaves whole, so that
-    every rank holds one contiguous block of each matrix."""
-    if isinstance(param, DTensor) and Shard(0) in param.placements:
-        return Shard(1)
-    return Shard(0)
+    """FSDP's shard of a parameter (`fsdp_dim` of its TP placement)."""
+    return Shard(fsdp_dim(0 if isinstance(param, DTensor) and Shard(0) in param.placements else None))
 
 
 def apply_fsdp(model, mesh, bf16_compute, matrix_mesh=None):

@@ -5,6 +5,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from optimizers.comm_plan import Traffic
+
 
 def process_group(mesh):
     """The ProcessGroup of a 1-D DeviceMesh or a ProcessGroup (None stays None)."""
@@ -34,15 +36,16 @@ class Pending:
 class Communicator:
     """The collectives of one optimizer over one process group, with a byte counter.
 
-    `bytes_moved` counts, per rank, the bytes of each collective's result that came from
-    other ranks: the figure that shrinks when an algorithm moves less.
+    `traffic` counts, per rank and collective kind, the bytes of each collective's result that
+    came from other ranks and the bytes sent to them (optimizers/comm_plan.py, whose rules the
+    layout planner shares): the figures that shrink when an algorithm moves less.
     """
 
     def __init__(self, group):
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.bytes_moved = 0
+        self.traffic = Traffic()
 
     def all_gather_stack(self, mine, total, async_op=False):
         """Concatenate every rank's equal-size stack `mine` (c, ...) along dim 0; keep `total` rows.
@@ -53,14 +56,14 @@ class Communicator:
         mine = mine.contiguous()
         out = torch.empty(self.world_size * mine.numel(), dtype=mine.dtype, device=mine.device)
         work = dist.all_gather_into_tensor(out, mine.view(-1), group=self.group, async_op=async_op)
-        self.bytes_moved += (self.world_size - 1) * mine.numel() * mine.element_size()
+        self.traffic.all_gather(self.world_size, mine.numel(), mine.element_size())
         result = out.view(self.world_size * mine.size(0), *mine.shape[1:])[:total]
         return Pending(work, result) if async_op else result
 
     def all_reduce_sum(self, tensor):
         """Sum `tensor` over the ranks, in place."""
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
-        self.bytes_moved += (self.world_size - 1) * tensor.numel() * tensor.element_size()
+        self.traffic.all_reduce(self.world_size, tensor.numel(), tensor.element_size())
         return tensor
 
     def exchange(self, outgoing, incoming_numel, dtype, device, async_op=False):
@@ -78,11 +81,11 @@ class Communicator:
         work = dist.all_to_all_single(
             received, send, incoming_numel, send_sizes, group=self.group, async_op=async_op
         )
-        self.bytes_moved += (sum(incoming_numel) - incoming_numel[self.rank]) * received.element_size()
+        self.traffic.all_to_all(self.rank, incoming_numel, send_sizes, received.element_size())
         result = list(received.split(incoming_numel))
         return Pending(work, result, keep=send) if async_op else result
 
     def take_bytes(self):
-        """The bytes moved since the last call."""
-        moved, self.bytes_moved = self.bytes_moved, 0
+        """The bytes received since the last call."""
+        moved, self.traffic = self.traffic.total_received(), Traffic()
         return moved

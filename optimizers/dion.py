@@ -7,6 +7,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from optimizers.comm import Communicator, process_group
+from optimizers.comm_plan import low_rank
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices
 from optimizers.sharding import distinct_shards, is_block_sharded, local_block, local_tensor
 
@@ -97,7 +98,7 @@ class Dion(MatrixOptimizer):
 
     def _new_matrix_state(self, p, group):
         batch, m, n = as_matrices(p, False).shape
-        rank = math.ceil(group["rank_fraction"] * min(m, n))
+        rank = low_rank(group["rank_fraction"], m, n)
         # A seeded start for Q, so that every rank and every run begins from the same basis.
         generator = torch.Generator().manual_seed(hash((group["seed"], self._index[p])) % 2**63)
         # Orthonormal, not merely unit columns: a Gaussian square Q can have a condition number

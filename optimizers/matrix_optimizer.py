@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from optimizers.base import BaseOptimizer
 from optimizers.comm import Communicator, process_group
+from optimizers.comm_plan import exchange_sizes, replica_assignment, replica_sizes, replicated_share
 from optimizers.compiled import run_compiled
 from optimizers.newton_schulz import newton_schulz, orthogonality_error
 from optimizers.sharding import (
@@ -368,13 +369,12 @@ class MatrixOptimizer(BaseOptimizer):
         if self.replicas is None or self.replicas.world_size == 1:
             return (yield from self._exchange_blocks(group, pieces, blocks, shape))
         replicas = self.replicas
-        assigned = [list(range(d, len(pieces), replicas.world_size)) for d in range(replicas.world_size)]
+        assigned = replica_assignment(len(pieces), replicas.world_size)
         mine = assigned[replicas.rank]
         done = yield from self._exchange_blocks(
             group, [pieces[i] for i in mine], [blocks[i] for i in mine], shape
         )
-        sizes = [[blocks[i][self.comm.rank].numel for i in a] for a in assigned]
-        longest = max(sum(size) for size in sizes)
+        sizes, longest = replica_sizes(blocks, assigned, self.comm.rank)
         flat = pieces[0].new_zeros(longest)
         if done:
             flat[: sum(sizes[replicas.rank])] = torch.cat([d.reshape(-1) for d in done])
@@ -409,13 +409,13 @@ class MatrixOptimizer(BaseOptimizer):
             yield
             yield
             return []
-        owned = [list(range(o, total, world)) for o in range(world)]
+        owned, outgoing, incoming = exchange_sizes(blocks, world, rank)
         mine = owned[rank]
         device, out_dtype = pieces[0].device, pieces[0].dtype
         dtype = ns_dtype(group, device)
         pending = comm.exchange(
             [[pieces[i] for i in owned[o]] for o in range(world)],
-            [sum(blocks[j][s].numel for j in mine) for s in range(world)],
+            incoming,
             out_dtype,
             device,
             async_op=True,
@@ -438,7 +438,7 @@ class MatrixOptimizer(BaseOptimizer):
                 ]
                 for s in range(world)
             ],
-            [sum(blocks[i][rank].numel for i in owned[o]) for o in range(world)],
+            outgoing,
             dtype,
             device,
             async_op=True,
@@ -462,7 +462,7 @@ class MatrixOptimizer(BaseOptimizer):
         if self.comm is None or self.comm.world_size == 1 or not shared:
             return self._newton_schulz(group, stacked)
         world, total = self.comm.world_size, stacked.size(0)
-        share = math.ceil(total / world)
+        share = replicated_share(total, world)
         mine = stacked[self.comm.rank * share : (self.comm.rank + 1) * share]
         if len(mine) < share:  # the last ranks' shares run short: pad with zero matrices
             mine = torch.cat([mine, mine.new_zeros(share - len(mine), *stacked.shape[1:])])

@@ -29,6 +29,13 @@ def coefficients(use_polar_express):
     return QUINTIC, 1.0, 1e-7
 
 
+def newton_schulz_flops(m, n, use_polar_express=True):
+    """The FLOPs of `newton_schulz` on one m x n matrix: per step, with X the wide orientation
+    (s x l, s <= l), A = X X^T (2 s^2 l), A A (2 s^3) and (b A + c A A) X (2 s^2 l)."""
+    short, long = min(m, n), max(m, n)
+    return len(coefficients(use_polar_express)[0]) * (4 * short * short * long + 2 * short**3)
+
+
 def gram(x, block_rows=None):
     """x @ x^T for a batch x (b, m, n), using its symmetry where that pays.
 

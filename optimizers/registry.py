@@ -108,14 +108,19 @@ def check_values(name, values):
             check_value(argument, values[key], shown=key)
 
 
+def optimizer_arguments(name, values):
+    """{constructor argument: value} of optimizer `name` from the config values {key: value}."""
+    return {
+        argument: ARGUMENT_VALUES[key][values[key]] if key in ARGUMENT_VALUES else values[key]
+        for key, argument in OPTIMIZERS[name].arguments.items()
+    }
+
+
 def build_optimizer(name, param_groups, values, meshes=None):
     """Optimizer `name` over `param_groups`, its arguments taken from the config values
     {key: value} and its meshes from `meshes` ({mesh argument: mesh}, missing ones None)."""
     spec = OPTIMIZERS[name]
-    arguments = {
-        argument: ARGUMENT_VALUES[key][values[key]] if key in ARGUMENT_VALUES else values[key]
-        for key, argument in spec.arguments.items()
-    }
+    arguments = optimizer_arguments(name, values)
     for mesh in spec.meshes:
         arguments[mesh] = (meshes or {}).get(mesh)
     return spec.cls(param_groups, **arguments)
