@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -187,3 +188,35 @@ def test_scores_reach_compare_runs_and_plot_runs(tmp_path):
     rows = plot_runs.final_loss_tables(runs)
     assert "| run | evaluated step | piqa/acc |" in rows
     assert re.search(r"\| optimizer=dion2, seed=1 \| 4 \| 0\.7400 ± 0\.0100 \|", rows), rows
+
+
+@pytest.mark.slow
+def test_a_slurm_job_scores_a_point_that_finished_before(tmp_path, capsys, monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump({**TINY, "lr": 0.02, "scalar_lr": 0.01}))
+    path = tmp_path / "scored.yaml"
+    path.write_text(yaml.safe_dump({"base": str(base), "overrides": {}, "grid": {"optimizer": ["dion2"]}}))
+    local = [str(path), "--runs_dir", str(tmp_path / "runs")]
+    assert sweep.main(local) == 0
+    run = tmp_path / "runs" / "scored" / "optimizer=dion2"
+    trained = (run / "train.log").read_text()
+    slurm = [*local, "--launcher", "slurm", "--submitit_cluster", "local", "--evaluate", "tiny_choice"]
+    slurm += ["--evaluate_args", f"--include_path {TASKS} --limit 4"]
+    assert sweep.main(slurm) == 0
+    out = capsys.readouterr().out
+    assert "optimizer=dion2: finished before, to be scored" in out and "1 jobs" in out
+    scores = evaluation_path(run, TINY["num_iterations"])
+    deadline = time.monotonic() + 180
+    while not scores.is_file():
+        assert time.monotonic() < deadline, (
+            (run / "eval.log").read_text() if (run / "eval.log").exists() else ""
+        )
+        time.sleep(0.2)
+    assert json.loads(scores.read_text())["samples"] == {"tiny_choice": 4}
+    assert (run / "train.log").read_text() == trained  # the job only scored the run
+    assert sweep.main(slurm) == 0
+    out = capsys.readouterr().out
+    assert "optimizer=dion2: finished before, skipped" in out and "0 jobs" in out
