@@ -18,8 +18,8 @@ fi
 # triton comes as torch's own dependency (3.6 for torch 2.11), and numpy stays below 2.4,
 # since Triton 3.6's interpreter (TRITON_INTERPRET=1, as the tests run it) fails under numpy
 # 2.4 with "only 0-dimensional arrays can be converted to Python scalars".
-others=$(grep -vE '^(torch|triton|numpy)[=<> ;]' requirements-dev.txt requirements.txt | grep -vE '^[^:]*:(-r |#|$)' | cut -d: -f2-)
+others=$(grep -vE '^(torch|triton|numpy)[=<> ;]' requirements-dev.txt requirements.txt requirements-eval.txt | grep -vE '^[^:]*:(-r |#|$)' | cut -d: -f2-)
 # shellcheck disable=SC2086
 "$venv/bin/python" -m pip install -q "torch==$version" "numpy<2.4" $others
 "$venv/bin/python" -c "import torch, triton, numpy; print(f'torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}')"
-HF_HUB_OFFLINE=1 WANDB_MODE=offline "$venv/bin/python" -m pytest "$@"
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline "$venv/bin/python" -m pytest "$@"
