@@ -132,13 +132,11 @@ def collective_seconds(kind, world, received, sent, gbps):
     return moved / (gbps * 1e9)
 
 
-def model_traffic_seconds(cfg, layout, rank, args):
+def model_traffic_seconds(cfg, model, layout, rank, args):
     """The model's own traffic per step, by formula: DDP's all-reduce of fp32 gradients, FSDP's
     all-gathers of bf16 weights (forward and backward) and reduce-scatter of fp32 gradients,
     TP's all-reduces of bf16 activations (two per block in the forward, two in the backward)."""
     groups = groups_of(layout, rank)
-    with torch.device("meta"):
-        model = GPT(gpt_config(cfg))
     local = sum(local_numel(n, tuple(p.shape), layout, rank) for n, p in model.named_parameters())
     seconds = 0.0
     if layout.sharded:
@@ -170,7 +168,7 @@ def estimate(cfg, layout, rank, plan, args):
     )
     return {
         "compute": flops / (peak * args.mfu),
-        "model comm": model_traffic_seconds(cfg, layout, rank, args),
+        "model comm": model_traffic_seconds(cfg, model, layout, rank, args),
         "newton-schulz": plan.ns_flops / (peak * args.ns_efficiency),
         "optimizer comm": optimizer,
     }

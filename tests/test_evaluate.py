@@ -119,8 +119,8 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path):
     assert not (run / "eval").exists()
 
 
-@pytest.mark.slow
-def test_sweep_scores_each_finished_point_once(tmp_path, capsys, monkeypatch):
+def offline_sweep(tmp_path, monkeypatch):
+    """A one-point tiny sweep file, with the Hugging Face libraries offline and an empty cache."""
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -128,6 +128,12 @@ def test_sweep_scores_each_finished_point_once(tmp_path, capsys, monkeypatch):
     base.write_text(yaml.safe_dump({**TINY, "lr": 0.02, "scalar_lr": 0.01}))
     path = tmp_path / "scored.yaml"
     path.write_text(yaml.safe_dump({"base": str(base), "overrides": {}, "grid": {"optimizer": ["dion2"]}}))
+    return path
+
+
+@pytest.mark.slow
+def test_sweep_scores_each_finished_point_once(tmp_path, capsys, monkeypatch):
+    path = offline_sweep(tmp_path, monkeypatch)
     argv = [str(path), "--runs_dir", str(tmp_path / "runs"), "--evaluate", "tiny_choice"]
     argv += ["--evaluate_args", f"--include_path {TASKS} --limit 8"]
     assert sweep.main(argv) == 0
@@ -192,13 +198,7 @@ def test_scores_reach_compare_runs_and_plot_runs(tmp_path):
 
 @pytest.mark.slow
 def test_a_slurm_job_scores_a_point_that_finished_before(tmp_path, capsys, monkeypatch):
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    base = tmp_path / "tiny.yaml"
-    base.write_text(yaml.safe_dump({**TINY, "lr": 0.02, "scalar_lr": 0.01}))
-    path = tmp_path / "scored.yaml"
-    path.write_text(yaml.safe_dump({"base": str(base), "overrides": {}, "grid": {"optimizer": ["dion2"]}}))
+    path = offline_sweep(tmp_path, monkeypatch)
     local = [str(path), "--runs_dir", str(tmp_path / "runs")]
     assert sweep.main(local) == 0
     run = tmp_path / "runs" / "scored" / "optimizer=dion2"

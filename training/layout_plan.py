@@ -277,9 +277,13 @@ class _Planner:
             buckets = {}
             for p in group["params"]:
                 buckets.setdefault(tuple(p.shape), []).append(names[id(p)])
-            update = {"dion": self.dion_bucket, "dion2": self.dion2_bucket, "nordion2": self.dion2_bucket}
+            update = {
+                "dion": self.dion_bucket,
+                "dion2": self.dion2_bucket,
+                "nordion2": self.dion2_bucket,
+            }.get(self.name, self.muon_bucket)
             for shape, members in buckets.items():
-                update.get(self.name, self.muon_bucket)(members, shape)
+                update(members, shape)
         return self.plan
 
 
