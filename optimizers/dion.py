@@ -15,31 +15,33 @@ from optimizers.sharding import distinct_shards, is_block_sharded, local_block, 
 def orthonormalize_columns(p, method):
     """An orthonormal basis of the columns of each matrix of p (batch, m, r).
 
-    "cholesky_qr" is shifted CholeskyQR (Fukaya et al., 2020): Cholesky-QR costs a small Gram
-    matrix, its Cholesky factor and a triangular solve, but squares the condition number. So
-    the first two passes shift the Gram matrix's diagonal by 11 (m r + r (r + 1)) u ||p||_F^2,
-    which keeps its factor real however ill-conditioned p is; each cuts the condition number
-    to about its square root over u, and two leave a basis of the same span conditioned well
-    enough for two plain passes (CholeskyQR2) to make it orthonormal to working precision: the
-    Q of p's QR. (One shifted pass, CholeskyQR3, left 19% of 200 random fp32 matrices of
-    condition number 1e6 far from orthonormal; two left none. At 1e7, near 1/u, 4% fail.) The
-    plain passes add one rounding unit of the mean eigenvalue, so that a rank-deficient p
-    gives a finite basis (its missing directions small) rather than NaN. No step branches on
-    the factorization's success, which would make the host wait for the device on every
-    matrix, as a fallback to Householder QR would.
+    "cholesky_qr" is shifted CholeskyQR3 (Fukaya et al., 2020) with the r x r Gram matrix and
+    its Cholesky factor in float64, the m x r solves in p's dtype. Cholesky-QR squares the
+    condition number in the Gram matrix, so an fp32 Gram matrix loses p's small directions
+    past a condition number of about 1e3 at 2048 x 1024, and the shift that would keep its
+    factor real, 11 (m r + r (r + 1)) u ||p||_F^2, exceeds the trace itself at the 1B MLP's
+    8192 x 1024 with fp32's u. In float64 that shift is about 1e-8 of the trace: the first,
+    shifted pass keeps the factor real however ill-conditioned p is (rank-deficient included)
+    and leaves a basis of condition number well below 1e8, which two plain passes make
+    orthonormal to p's working precision. The plain passes add one float64 rounding unit of the
+    mean eigenvalue, and every diagonal at least p's dtype's smallest normal number, so that a
+    zero p gives zeros, not NaN. No step branches on the
+    factorization's success, which would make the host wait for the device on every matrix.
     """
     if method == "qr":
         return torch.linalg.qr(p).Q
     m, r = p.shape[-2:]
-    unit = torch.finfo(p.dtype).eps / 2
+    # The Gram matrix is small (r x r); MPS alone has no float64.
+    exact = torch.float64 if p.device.type != "mps" else torch.float32
+    unit = torch.finfo(exact).eps / 2
     basis = p
-    shifted = 11 * (m * r + r * (r + 1)) * unit
-    for shift in (shifted, shifted, unit / r, unit / r):
-        gram = basis.mT @ basis
+    for shift in (11 * (m * r + r * (r + 1)) * unit, unit / r, unit / r):
+        wide = basis.to(exact)
+        gram = wide.mT @ wide
         diagonal = gram.diagonal(dim1=-2, dim2=-1)
         diagonal += (diagonal.sum(-1, keepdim=True) * shift).clamp_min(torch.finfo(p.dtype).tiny)
         factor, _ = torch.linalg.cholesky_ex(gram)
-        basis = torch.linalg.solve_triangular(factor.mT, basis, upper=True, left=False)
+        basis = torch.linalg.solve_triangular(factor.mT.to(p.dtype), basis, upper=True, left=False)
     return basis
 
 

@@ -104,13 +104,17 @@ def test_plain_compile_stops_compiling_at_the_recompile_limit():
     assert backend.frame_count == torch._dynamo.config.recompile_limit < len(MANY_SHAPES)
 
 
-def test_past_the_accumulated_limit_new_shapes_run_eagerly(counter, monkeypatch):
+def test_past_the_accumulated_limit_new_shapes_run_eagerly(counter):
     def scaled(x, factor):
         return x * factor
 
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 2)
     factor = torch.tensor(3.0)
-    with pytest.warns(UserWarning, match="scaled has 2 compiled signatures"):
+    # torch's own patch, not monkeypatch: a config key is no plain attribute, and pytest 9.2's
+    # monkeypatch deletes it on undo, which breaks every compile after this test.
+    with (
+        torch._dynamo.config.patch(accumulated_recompile_limit=2),
+        pytest.warns(UserWarning, match="scaled has 2 compiled signatures"),
+    ):
         results = [compiled.run_compiled(scaled, torch.ones(n), factor) for n in (1, 2, 3, 4)]
     assert counter.frame_count == 2
     assert [r.sum().item() for r in results] == [3.0, 6.0, 9.0, 12.0]

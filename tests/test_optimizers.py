@@ -644,6 +644,18 @@ def test_cholesky_qr_is_orthonormal_on_an_ill_conditioned_matrix():
     torch.testing.assert_close(basis.double()[:, :4], (q * r.diagonal().sign())[:, :4], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("m", [2048, 8192])
+def test_cholesky_qr_is_orthonormal_at_gpu_sizes(m):
+    # Dion's P at the 1B model's sizes (r = 1024), condition number 1e5. With an fp32 Gram
+    # matrix the shift exceeds its trace at 8192 x 1024 and Q^T Q was 1.0 off I at both sizes.
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(m, 1024, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(1024, 1024, generator=gen)).Q
+    p = (u * torch.logspace(0, -5, 1024)) @ v.T
+    basis = orthonormalize_columns(p[None], "cholesky_qr")[0]
+    torch.testing.assert_close(basis.T @ basis, torch.eye(1024), atol=1e-5, rtol=0)
+
+
 def test_cholesky_qr_of_a_rank_deficient_matrix_is_finite_and_spans_it():
     # A rank-2 matrix of 8 columns still gives a finite basis whose span holds every column.
     gen = torch.Generator().manual_seed(0)
