@@ -74,7 +74,7 @@ def main(argv):
     layout = mesh_sizes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     # Signals are caught from the start, so one during set-up still ends in a checkpoint.
     with (
-        process_group(cfg.device, agreed_errors=AGREED_ERRORS) as ctx,
+        process_group(cfg.device, cfg.timeout, agreed_errors=AGREED_ERRORS) as ctx,
         PreemptionHandler(parse_signals(cfg.preempt_signals)) as preemption,
     ):
         return train(cfg, layout, ctx, preemption)

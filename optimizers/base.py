@@ -82,6 +82,21 @@ class BaseOptimizer(torch.optim.Optimizer):
     def _matrix_step(self, group, params):
         raise NotImplementedError
 
+    def load_state_dict(self, state_dict):
+        """torch.optim's load, with integer state (Dion2's selection record) kept integer:
+        torch casts every state tensor but `step` to its parameter's dtype."""
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        integer = {
+            (p, name): value.dtype
+            for i, p in zip(saved, params, strict=True)
+            for name, value in state_dict["state"].get(i, {}).items()
+            if isinstance(value, torch.Tensor) and not value.is_floating_point()
+        }
+        super().load_state_dict(state_dict)
+        for (p, name), dtype in integer.items():
+            self.state[p][name] = self.state[p][name].to(dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         """Update every parameter that has a gradient; the others are left untouched."""

@@ -79,7 +79,7 @@ def peak_tflops(device, override):
 def measure(argv, optimizer, steps, warmup, peak_override):
     """Run warmup + timed steps of one optimizer; return its measurements."""
     cfg = load_config_for(argv, optimizer)
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, cfg.timeout)
     device = ctx.device
     model, forward = build_model(cfg, Layout(), None, ctx)
     opt = build_optimizer(build_param_groups(model, cfg), cfg)

@@ -106,7 +106,7 @@ def training_parts(argv, optimizer="muon"):
     from training.precision import bf16_autocast
 
     cfg = load_config_for([*argv, "--run_name", "gpu_check"], optimizer)
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, cfg.timeout)
     model, forward = build_model(cfg, Layout(), None, ctx)
     opt = build_optimizer(build_param_groups(model, cfg), cfg)
     generator = torch.Generator(ctx.device).manual_seed(cfg.seed)

@@ -28,6 +28,14 @@ LAUNCH_FILE = "launch.json"
 # torchrun dies of a signal it does not handle; these it passes on to the ranks, which
 # checkpoint on the ones in `preempt_signals` (Slurm's warnings come as SIGUSR1 or SIGUSR2).
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+# Slurm's warning (submitit's signal) comes this long before the time limit.
+SIGNAL_DELAY_S = 180
+# How long torchrun lets the ranks finish after passing a signal on, before it kills them (30 s
+# by default). A 1B step plus its checkpoint must fit: by scripts/plan_layout.py, 4.2 s a step
+# on 8 H100s and 8.3 GiB of weights and optimizer state, 89 s at 100 MB/s of shared-filesystem
+# bandwidth. Set through the environment: torchrun releases without --shutdown-timeout reject
+# the flag but ignore the variable.
+SHUTDOWN_TIMEOUT_S = SIGNAL_DELAY_S - 10
 RENDEZVOUS_PORT = 29500
 
 
@@ -51,6 +59,8 @@ def command(argv, nproc, nodes=1, node_rank=0, master=None, job_id=None):
             f"--rdzv_id={job_id}",
         ]
     return [
+        "env",
+        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}",
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -266,7 +276,7 @@ def submit(points, folder, cluster, options, evaluate_argv=None):
         "timeout_min": options["time"],
         "nodes": nodes,
         "tasks_per_node": 1,
-        "slurm_signal_delay_s": 180,
+        "slurm_signal_delay_s": SIGNAL_DELAY_S,
         "slurm_additional_parameters": {"requeue": True},
     }
     if cluster == "slurm":

@@ -2,6 +2,7 @@
 compiled model, the device of each rank, CUDA RNG states across machines, and FSDP's mixed
 precision computing what DDP's autocast computes."""
 
+import datetime
 import json
 
 import pytest
@@ -127,7 +128,7 @@ def gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     current = []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: current.append(backend))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **options: current.append(backend))
     monkeypatch.setattr(dist, "get_rank", lambda: 6)
     monkeypatch.setattr(dist, "get_world_size", lambda: 8)
     return current
@@ -142,10 +143,25 @@ def under_torchrun(monkeypatch, local_rank):
 def test_each_torchrun_rank_computes_on_its_local_rank(gpus, monkeypatch, device):
     # Bug 6: an explicit device ignored LOCAL_RANK, so every rank took the same GPU.
     under_torchrun(monkeypatch, 2)
-    ctx = init_distributed(device)
+    ctx = init_distributed(device, 600)
     assert ctx.device == torch.device("cuda", 2)
     assert gpus == [torch.device("cuda", 2), "nccl"]
     assert (ctx.rank, ctx.world_size) == (6, 8)
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+def test_the_process_group_is_bound_to_the_device_with_the_timeout(gpus, monkeypatch, device_type):
+    # Without device_id, NCCL's barriers guessed the device from the rank and sub-meshes made
+    # communicators of their own; without a timeout a hung peer held the run for torch's default.
+    under_torchrun(monkeypatch, 2)
+    options = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: options.update(kw, backend=backend))
+    ctx = init_distributed(device_type, 90)
+    assert options["timeout"] == datetime.timedelta(seconds=90)
+    if device_type == "cuda":
+        assert (options["backend"], options["device_id"]) == ("nccl", torch.device("cuda", 2))
+    else:
+        assert (options["backend"], options["device_id"], ctx.device.type) == ("gloo", None, "cpu")
 
 
 @pytest.mark.parametrize(
@@ -160,7 +176,7 @@ def test_a_device_the_rank_cannot_have_is_one_line_before_any_work(
 ):
     under_torchrun(monkeypatch, local_rank)
     with pytest.raises(ConfigError, match=message):
-        init_distributed(device)
+        init_distributed(device, 600)
     assert gpus == []  # no device set, no process group started
 
 
@@ -168,10 +184,10 @@ def test_a_single_process_makes_its_device_current(gpus, monkeypatch):
     # Bug 3: without set_device, work that follows the current device (Triton launches) ran
     # on cuda:0 while the tensors lived on cuda:1.
     monkeypatch.delenv("RANK", raising=False)
-    ctx = init_distributed("cuda:1")
+    ctx = init_distributed("cuda:1", 600)
     assert ctx.device == torch.device("cuda", 1)
     assert gpus == [torch.device("cuda", 1)]
-    assert init_distributed("cuda").device == torch.device("cuda", 0)
+    assert init_distributed("cuda", 600).device == torch.device("cuda", 0)
 
 
 class FakeCudaGenerators:

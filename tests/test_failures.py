@@ -97,7 +97,7 @@ def test_a_bad_gradient_is_skipped_when_allowed_and_stops_the_run_when_not(tmp_p
 
 def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched():
     cfg = load_config(train_argv("unused", "unused", optimizer="dion2", lr=0.02))
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, cfg.timeout)
     model, forward = build_model(cfg, Layout(), None, ctx)
     optimizer = build_optimizer(build_param_groups(model, cfg), cfg)
     gen = torch.Generator().manual_seed(0)

@@ -576,6 +576,12 @@ def test_state_is_eager_and_round_trips(cls, kwargs):
     copies = [p.clone() for p in params]
     restored = cls([{"params": copies[:2]}, {"params": copies[2:], "algorithm": "adamw"}], lr=0.02, **kwargs)
     restored.load_state_dict(saved)
+    # torch.optim's load casts state to the parameter's dtype: Dion2's int64 selection record
+    # came back as fp32.
+    for p, c in zip(params, copies, strict=True):
+        assert {k: v.dtype for k, v in restored.state[c].items()} == {
+            k: v.dtype for k, v in opt.state[p].items()
+        }
     grads = [torch.randn(p.shape, generator=gen) for p in params]
     for p, c, g in zip(params, copies, grads, strict=True):
         p.grad, c.grad = g.clone(), g.clone()

@@ -149,6 +149,8 @@ def test_a_slurm_job_stopped_by_sigterm_is_requeued_and_resumes_exactly(tmp_path
 
 def test_the_multi_node_command_meets_at_the_first_host():
     cmd = command(["--config", "c.yaml"], 8, nodes=2, node_rank=1, master="node-a", job_id="77")
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    # torchrun would kill the ranks 30 s after passing a preemption signal on, mid-checkpoint.
+    assert cmd[:2] == ["env", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=170"]
+    assert cmd[2:5] == [sys.executable, "-m", "torch.distributed.run"]
     assert {"--nnodes=2", "--node_rank=1", "--rdzv_endpoint=node-a:29500", "--rdzv_id=77"} <= set(cmd)
     assert "--nproc_per_node=8" in cmd and cmd[-3:] == ["train.py", "--config", "c.yaml"]

@@ -138,6 +138,11 @@ class TrainConfig:
         "steps whose loss or gradient norm is NaN or inf that are skipped, weights and optimizer state "
         f"untouched, before the run stops with exit code {ExitCode.NON_FINITE}; 0 = stop at the first",
     )
+    timeout: int = key(
+        600,
+        "seconds a collective waits for every rank before the run fails with an error (the process "
+        "group's timeout); a preempted peer or a hung rank ends the run after this long",
+    )
     preempt_signals: str = key(
         "SIGTERM,SIGUSR1",
         "signals that make every rank finish its step, checkpoint it and exit with code "
@@ -306,6 +311,7 @@ def validate(cfg):
         "val_tokens",
         "keep_checkpoints",
         "ac_every",
+        "timeout",
     )
     for key in positive:
         if getattr(cfg, key) <= 0:

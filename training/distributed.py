@@ -1,6 +1,7 @@
 """Process-group setup: one process with no launcher, or one per rank under torchrun."""
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -62,19 +63,26 @@ def pick_device(device, local_rank=None):
     return torch.device("cuda", index)
 
 
-def init_distributed(device):
-    """Start the process group when launched by torchrun (NCCL on CUDA, gloo otherwise).
+def init_distributed(device, timeout):
+    """Start the process group when launched by torchrun (NCCL on CUDA, gloo otherwise), whose
+    collectives fail after `timeout` seconds without every rank.
 
     A CUDA process makes its device the current one, so that work which follows the current
     device (Triton's launches, NCCL's communicators, torch.cuda calls without a device) runs on
-    the device its tensors live on."""
+    the device its tensors live on. It also binds the group to that device (`device_id`): NCCL
+    then connects at once, barriers name the device instead of guessing it from the rank, and
+    the sub-meshes' groups split the world's communicator instead of making new ones."""
     launched = "RANK" in os.environ
     resolved = pick_device(device, int(os.environ["LOCAL_RANK"]) if launched else None)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if not launched:
         return DistContext(rank=0, world_size=1, device=resolved)
-    dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    dist.init_process_group(
+        backend="nccl" if resolved.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=timeout),
+        device_id=resolved if resolved.type == "cuda" else None,
+    )
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=resolved)
 
 
@@ -104,13 +112,13 @@ def shutdown(ctx):
 
 
 @contextlib.contextmanager
-def process_group(device, agreed_errors=()):
+def process_group(device, timeout, agreed_errors=()):
     """The DistContext of this process for the `with` block, torn down cleanly when every rank
     leaves it together: normally, or by an error that all ranks raise alike (`agreed_errors`).
 
     Any other exception leaves the group alone: the other ranks may be waiting in a
     collective, and a barrier here would wait for them until the timeout."""
-    ctx = init_distributed(device)
+    ctx = init_distributed(device, timeout)
     try:
         yield ctx
     except agreed_errors:
