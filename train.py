@@ -16,6 +16,7 @@ from tqdm import tqdm
 from data.loader import DataError, TokenLoader, ValidationData, find_shards
 from data.shards import ShardError
 from data.tokenizer import TOKENIZERS
+from models.parallelize import tp_loss_context
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -181,10 +182,18 @@ def train(cfg, layout, ctx, preemption):
     tp_mesh = mesh["tp"] if layout.tp_enabled else None
     tokens_per_step = cfg.batch_size * cfg.sequence_length
     diagnostics = Diagnostics(model, optimizer, cfg.diagnostics_every)
-    # The progress bar goes to stdout, so that stderr holds only warnings and errors.
-    with tqdm(
-        total=cfg.num_iterations, initial=step, disable=not ctx.is_main, dynamic_ncols=True, file=sys.stdout
-    ) as bar:
+    # The progress bar goes to stdout, so that stderr holds only warnings and errors. Under TP,
+    # every loss of the loop, and its backward, is taken on vocabulary-split logits.
+    with (
+        tqdm(
+            total=cfg.num_iterations,
+            initial=step,
+            disable=not ctx.is_main,
+            dynamic_ncols=True,
+            file=sys.stdout,
+        ) as bar,
+        tp_loss_context(layout.tp_enabled),
+    ):
         while step < cfg.num_iterations:
             start = time.perf_counter()
             last = step + 1 == cfg.num_iterations

@@ -1,10 +1,17 @@
 """Model parallelism applied to a built GPT, apart from its definition (as in torchtitan)."""
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
 from optimizers.sharding import local_tensor
 
@@ -34,18 +41,39 @@ def tp_weight_dim(name):
 def apply_tp(model, tp_mesh):
     """Shard the model over `tp_mesh` (Megatron style): q, k, v and the MLP input by output
     features (heads), the attention output and the MLP output by input features, and the
-    embedding and lm_head over the vocabulary. Activations between blocks stay replicated."""
+    embedding and lm_head over the vocabulary. Activations between blocks stay replicated.
+
+    The logits stay split over the vocabulary: each rank holds its 1/tp of them (in the compute
+    dtype, their fp32 copy and its gradient, 8 GB a rank at 1B if whole), and the loss is taken
+    on the split logits under `tp_loss_context`. The model's outputs are plain tensors again:
+    the loss this rank's part of (every rank holds the same value), or the whole logits."""
     parallelize_module(
         model,
         tp_mesh,
         {
             "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            "lm_head": ColwiseParallel(output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(use_local_output=False),
         },
     )
     for block in model.blocks:
         parallelize_module(block, tp_mesh, {name: style() for name, style in BLOCK_TP_PLAN.items()})
+    model.register_forward_hook(_plain_output)
     return model
+
+
+def _plain_output(module, args, output):
+    # The loss (a replicated scalar) as this rank's tensor, through which the backward still
+    # reaches the split logits; logits asked for themselves are gathered whole.
+    if not isinstance(output, DTensor):
+        return output
+    return output.to_local() if output.ndim == 0 else output.full_tensor()
+
+
+def tp_loss_context(tp_enabled):
+    """The context that a micro-batch's forward and backward (or an evaluation) must run in:
+    under TP, cross-entropy on the vocabulary-split logits (`loss_parallel`), so that no rank
+    ever holds them whole."""
+    return loss_parallel() if tp_enabled else contextlib.nullcontext()
 
 
 def tp_partial_grad_params(model):

@@ -35,7 +35,7 @@ from models.gpt_model import GPT
 from optimizers.comm_plan import KINDS
 from optimizers.registry import reads
 from training.config import CHOICES, ConfigError, load_config_for
-from training.layout_plan import PlanError, groups_of, local_numel, plan_rank
+from training.layout_plan import MEMORY, PlanError, groups_of, local_numel, plan_rank
 from training.mesh import mesh_sizes
 from training.model_setup import gpt_config
 
@@ -186,7 +186,8 @@ def report(rows, layout, args):
     )
     print()
     header = ["optimizer", *(f"{k} MiB" for k in KINDS), "sent MiB", "NS GFLOP"]
-    header += ["weights GiB", "grads GiB", "state GiB", "of memory", "step s", "optim s", "optim share"]
+    header += ["weights GiB", "grads GiB", "state GiB", "logits GiB", "of memory"]
+    header += ["step s", "optim s", "optim share"]
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))
     for label, plan, seconds in rows:
@@ -194,7 +195,7 @@ def report(rows, layout, args):
         optim = seconds["newton-schulz"] + seconds["optimizer comm"]
         cells = [label, *(f"{plan.traffic.received[k] / 2**20:,.1f}" for k in KINDS)]
         cells += [f"{sum(plan.traffic.sent.values()) / 2**20:,.1f}", f"{plan.ns_flops / 1e9:,.1f}"]
-        cells += [f"{plan.memory[k] / GIB:.2f}" for k in ("weights", "gradients", "optimizer state")]
+        cells += [f"{plan.memory[k] / GIB:.2f}" for k in MEMORY]
         cells.append(f"{sum(plan.memory.values()) / GIB / figures['memory_gib']:.1%}")
         cells += [f"{total:.3f}", f"{optim:.3f}", f"{optim / total:.1%}"]
         print("| " + " | ".join(cells) + " |")

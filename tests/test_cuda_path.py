@@ -23,16 +23,16 @@ from training.precision import bf16_autocast
 from training.step import accumulate_gradients, apply_gradients
 
 
-class CountReductions(TorchDispatchMode):
-    """Counts the c10d all-reduces and reduce-scatters run inside it."""
+class CountCollectives(TorchDispatchMode):
+    """Counts the c10d collectives run inside it whose op name holds one of `kinds`."""
 
-    def __init__(self):
+    def __init__(self, *kinds):
         super().__init__()
-        self.count = 0
+        self.kinds, self.count = kinds, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.name()
-        if name.startswith("c10d::") and ("allreduce" in name or "reduce_scatter" in name):
+        if name.startswith("c10d::") and any(kind in name for kind in self.kinds):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -62,7 +62,7 @@ def train_layout(rank, world_size, init_file, out_dir, name, flags, steps, compi
         autocast = bf16_autocast(cfg.precision, ctx.device)
         losses, counts = [], []
         for _ in range(steps):
-            with CountReductions() as reduced:
+            with CountCollectives("allreduce", "reduce_scatter") as reduced:
                 loss = accumulate_gradients(forward, loader.next_batch, accum_steps, autocast)
             counts.append(reduced.count)
             outcome = apply_gradients(model, optimizer, loss, 1.0, cfg.grad_clip, False, world_size)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from models.parallelize import tp_loss_context
 from optimizers.dion2 import selected_runs_global
 from tests.conftest import REPO, TINY, gloo, torchrun, train_argv
 from training.config import load_config
@@ -84,7 +85,8 @@ def measure(layout, rank, world_size):
         optimizer = build_optimizer(build_param_groups(model, cfg), cfg, optimizer_meshes(mesh, ctx))
         generator = torch.Generator().manual_seed(rank)
         tokens = torch.randint(0, 256, (2, cfg.sequence_length + 1), generator=generator)
-        forward(tokens[:, :-1], tokens[:, 1:]).backward()
+        with tp_loss_context(layout.tp_enabled):
+            forward(tokens[:, :-1], tokens[:, 1:]).backward()
         optimizer.step()
         measured = optimizer.comm_bytes()
         runs = selection_runs(layout, optimizer, model, rank) if "global" in case else None
@@ -135,7 +137,16 @@ def test_planned_memory_equals_the_optimizers_state_in_one_process(case):
     plan = plan_rank(cfg, Layout())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
-    assert plan.memory == {"weights": weights, "gradients": weights, "optimizer state": state}
+    # A micro-batch's logits in bf16 (`precision: auto` on the GPU the planner assumes), their
+    # fp32 copy and its gradient; TP splits them over the vocabulary.
+    logits = cfg.device_batch_size * cfg.sequence_length * model.config.padded_vocab_size * (2 + 4 + 4)
+    assert plan.memory == {
+        "weights": weights,
+        "gradients": weights,
+        "optimizer state": state,
+        "logits": logits,
+    }
+    assert plan_rank(config(Layout(tp=2), OPTIMIZERS[case]), Layout(tp=2)).memory["logits"] == logits // 2
     assert plan.traffic.total_received() == 0
 
 

@@ -136,7 +136,10 @@ def wrap_model(model, ctx, unsynced=()):
     DDP = torch.nn.parallel.DistributedDataParallel
     DDP._set_params_and_buffers_to_ignore_for_model(model, list(unsynced))
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids)
+    # Gradients as views of DDP's buckets, not a second fp32 copy of every gradient (4 GB at
+    # 1B); and no buffer broadcast before each forward: the rotary tables are the model's only
+    # buffers, computed alike on every rank.
+    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def grad_sync(model, sync):

@@ -1,6 +1,6 @@
 """What a layout costs one rank in one training step, predicted without running it: the
 optimizer's bytes per collective kind, its Newton-Schulz FLOPs, and the memory of the weights,
-gradients and optimizer state.
+gradients, optimizer state and one micro-batch's logits.
 
 The parameters are the GPT's, built on the meta device and grouped as train.py groups them.
 Each rank's block of a parameter follows the TP plan and FSDP's placement
@@ -32,11 +32,12 @@ from optimizers.sharding import Block
 from training.config import to_dict
 from training.model_setup import gpt_config
 from training.param_groups import build_param_groups
+from training.precision import uses_bf16
 
 # The weights, their gradients and the optimizer state are fp32 in every layout.
 PARAM_BYTES = 4
 NEWTON_SCHULZ_FAMILY = ("muon", "normuon", "dion2", "nordion2")
-MEMORY = ("weights", "gradients", "optimizer state")
+MEMORY = ("weights", "gradients", "optimizer state", "logits")
 
 
 class PlanError(ValueError):
@@ -262,8 +263,17 @@ class _Planner:
             extra = n * low_rank(self.arguments["rank_fraction"], m, n) * PARAM_BYTES  # Q, whole
         return local + extra
 
+    def logits_bytes(self):
+        """One micro-batch's logits on this rank, split over the vocabulary by TP: in the compute
+        dtype (bf16 on the GPU the planner assumes), their fp32 copy that the loss's backward
+        keeps, and that copy's gradient."""
+        columns = math.ceil(gpt_config(self.cfg).padded_vocab_size / self.layout.tp)
+        compute = 2 if uses_bf16(self.cfg.precision, torch.device("cuda")) else 4
+        return self.cfg.device_batch_size * self.cfg.sequence_length * columns * (compute + 4 + 4)
+
     def run(self, model):
         names = {id(p): n for n, p in model.named_parameters()}
+        self.plan.memory["logits"] = self.logits_bytes()
         for group in build_param_groups(model, self.cfg):
             for p in group["params"]:
                 local = local_numel(names[id(p)], tuple(p.shape), self.layout, self.rank) * PARAM_BYTES
