@@ -4,6 +4,7 @@ step loop that hands each group to AdamW, Lion or the class's own matrix algorit
 import torch
 
 from optimizers.hyperparameters import check_value
+from optimizers.newton_schulz import orthogonality_error
 from optimizers.scalar import SCALAR_ALGORITHMS, new_scalar_state, scalar_step
 
 
@@ -59,10 +60,20 @@ class BaseOptimizer(torch.optim.Optimizer):
 
     def orthogonality_errors(self):
         """{(rows, cols): (RMS, largest) of |sigma - 1|} (`orthogonality_error`) of the step after
-        `capture_orthogonality()`, then
-        capturing stops. Each rank measures the first matrix it orthonormalized of each shape:
-        on rank 0, the first of that shape's first bucket, as in one process."""
-        errors, self._orthogonality = self._orthogonality or {}, None
+        `capture_orthogonality()`, then capturing stops. Each rank measures the first non-zero
+        matrix it orthonormalized of each shape: on rank 0, the first of that shape's first
+        bucket, as in one process. Measured after the step, and read in one copy."""
+        captured, self._orthogonality = self._orthogonality or {}, None
+        kept = [(shape, nonzero, out) for shape, outputs in captured.items() for nonzero, out in outputs]
+        if not kept:
+            return {}
+        rows = torch.stack(
+            [torch.cat([nonzero.float().view(1), orthogonality_error(out)]) for _, nonzero, out in kept]
+        )
+        errors = {}
+        for (shape, _, _), (nonzero, rms, largest) in zip(kept, rows.tolist(), strict=True):
+            if nonzero and shape not in errors:
+                errors[shape] = (rms, largest)
         return errors
 
     def momentum_buffer(self, p):

@@ -124,10 +124,9 @@ def selected_runs_global(chosen, spans):
     """As `selected_runs_local`, for selections of the whole matrix: how many of the chosen
     slices fall in each rank's range depends on the norms, so the counts of every matrix are
     found on the device and read back in one transfer."""
-    bounds = torch.tensor(
-        [[[b.row0, b.row0 + b.rows] for b in span] for span in spans], device=chosen[0].device
-    ).flatten(1)
-    ends = torch.searchsorted(torch.cat(chosen), bounds).view(len(spans), -1, 2).tolist()
+    # The chosen slices come to the host, the bounds are the host's own: one wait for the device.
+    bounds = torch.tensor([[[b.row0, b.row0 + b.rows] for b in span] for span in spans]).flatten(1)
+    ends = torch.searchsorted(torch.cat(chosen).cpu(), bounds).view(len(spans), -1, 2).tolist()
     return [[(lo, hi - lo) for lo, hi in matrix] for matrix in ends]
 
 
@@ -394,20 +393,18 @@ class Dion2(MatrixOptimizer):
         """Per matrix: the fraction of slices selected at least once so far, and the longest
         run of steps any slice has gone unselected (including waits still going on). Every rank
         must call it: a batch-sharded parameter's record is gathered from all."""
-        stats = []
+        rows = []
         for group in self.param_groups:
             if group["algorithm"] != self.algorithm_name():
                 continue
             for p in group["params"]:
                 state = self.state[p]
-                last, step = state["last_selected"], int(state["step"])
+                last, step = state["last_selected"], int(state["step"])  # the step lives on the host
                 if isinstance(last, DTensor):
                     last = last.full_tensor()
                 ongoing = (step - last).max() if step else torch.zeros_like(state["longest_wait"])
-                stats.append(
-                    {
-                        "coverage": (last > 0).float().mean().item(),
-                        "longest_wait": int(torch.maximum(state["longest_wait"], ongoing)),
-                    }
-                )
-        return stats
+                wait = torch.maximum(state["longest_wait"], ongoing)
+                rows.append(torch.stack([(last > 0).double().mean(), wait.double()]))
+        # One copy to the host for every matrix, rather than two reads each.
+        values = torch.stack(rows).tolist() if rows else []
+        return [{"coverage": coverage, "longest_wait": int(wait)} for coverage, wait in values]

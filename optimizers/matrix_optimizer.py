@@ -23,7 +23,7 @@ from optimizers.base import BaseOptimizer
 from optimizers.comm import Communicator, process_group
 from optimizers.comm_plan import exchange_sizes, replica_assignment, replica_sizes, replicated_share
 from optimizers.compiled import run_compiled
-from optimizers.newton_schulz import newton_schulz, orthogonality_error
+from optimizers.newton_schulz import newton_schulz
 from optimizers.sharding import (
     Block,
     block_rows,
@@ -207,11 +207,11 @@ class MatrixOptimizer(BaseOptimizer):
         sharded over other ranks too would otherwise be orthonormalized from a part.
         """
         mine = torch.tensor([local_block(p) for p in params], dtype=torch.int64, device=params[0].device)
-        every = self.comm.all_gather_stack(mine.unsqueeze(0), self.comm.world_size)
+        every = self.comm.all_gather_stack(mine.unsqueeze(0), self.comm.world_size).tolist()
         self.comm.take_bytes()  # a one-time exchange, not part of any step's traffic
         blocks = {}
         for i, p in enumerate(params):
-            blocks[p] = [Block(*(int(v) for v in every[s, i])) for s in range(self.comm.world_size)]
+            blocks[p] = [Block(*every[s][i]) for s in range(self.comm.world_size)]
             if sum(block.numel for block in blocks[p]) != p.numel():
                 raise ValueError(
                     f"a parameter of shape {tuple(p.shape)} (placements {p.placements}) is not tiled by "
@@ -493,10 +493,11 @@ class MatrixOptimizer(BaseOptimizer):
             out = run_compiled(newton_schulz, x, polar, dtype, out_dtype)
         else:
             out = newton_schulz(x, polar, dtype, out_dtype=out_dtype, use_triton=use_triton)
-        shape = tuple(x.shape[-2:])
-        # A rank whose share is only padding holds zero matrices: nothing to measure there.
-        if self._orthogonality is not None and shape not in self._orthogonality and bool(x[0].any()):
-            self._orthogonality[shape] = orthogonality_error(out[0])
+        if self._orthogonality is not None:
+            # Kept, not measured: a read here would make the host wait inside the overlapped
+            # collectives. Whether the input is zero is kept too, since a rank whose share is
+            # only padding holds zero matrices, with nothing to measure.
+            self._orthogonality.setdefault(tuple(x.shape[-2:]), []).append((x[0].any(), out[0].clone()))
         return out
 
     def _run(self, fn, *args):

@@ -94,8 +94,9 @@ def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None
 
 
 def orthogonality_error(x):
-    """How far the matrix x is from orthonormal, over its singular values sigma: (the RMS of
-    sigma - 1, the largest |sigma - 1|). The RMS says how much of the matrix is orthonormal; the
-    largest is set by its smallest directions, which five steps cannot lift from near 0."""
+    """How far the matrix x is from orthonormal, over its singular values sigma: a 2-element
+    tensor of the RMS of sigma - 1 and the largest |sigma - 1|, left on x's device. The RMS
+    says how much of the matrix is orthonormal; the largest is set by its smallest directions,
+    which five steps cannot lift from near 0."""
     distance = torch.linalg.svdvals(x.float()) - 1
-    return distance.square().mean().sqrt().item(), distance.abs().max().item()
+    return torch.stack([distance.square().mean().sqrt(), distance.abs().max()])

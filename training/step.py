@@ -57,7 +57,9 @@ def accumulate_gradients(forward, next_batch, accum_steps, autocast):
 def agree(train_loss, grad_norm, stop_requested, world_size):
     """One all-reduce and one wait for the host: the loss averaged over ranks, and whether any
     rank was asked to stop. A NaN on one rank makes the sum NaN, so every rank sees it."""
-    flags = torch.tensor(float(stop_requested), device=train_loss.device)
+    # A fill on the device: a tensor made from a Python number would be a copy from the host,
+    # which waits for the device's queue.
+    flags = train_loss.new_full((), float(stop_requested))
     summed = torch.stack([train_loss, flags])
     if world_size > 1:
         dist.all_reduce(summed)
