@@ -364,10 +364,12 @@ class MatrixOptimizer(BaseOptimizer):
         Replica d takes the matrices whose index is d modulo the replicas, so that even small
         buckets spread over them; an all-gather over the replicas then gives every rank its
         blocks of all results (the replicas hold the same blocks). No matrix is
-        orthonormalized twice.
+        orthonormalized twice. The results travel in the compute dtype, which holds them
+        exactly, and come back in the pieces' dtype.
         """
         if self.replicas is None or self.replicas.world_size == 1:
-            return (yield from self._exchange_blocks(group, pieces, blocks, shape))
+            done = yield from self._exchange_blocks(group, pieces, blocks, shape)
+            return [d.to(p.dtype) for d, p in zip(done, pieces, strict=True)]
         replicas = self.replicas
         assigned = replica_assignment(len(pieces), replicas.world_size)
         mine = assigned[replicas.rank]
@@ -375,7 +377,7 @@ class MatrixOptimizer(BaseOptimizer):
             group, [pieces[i] for i in mine], [blocks[i] for i in mine], shape
         )
         sizes, longest = replica_sizes(blocks, assigned, self.comm.rank)
-        flat = pieces[0].new_zeros(longest)
+        flat = pieces[0].new_zeros(longest, dtype=ns_dtype(group, pieces[0].device))
         if done:
             flat[: sum(sizes[replicas.rank])] = torch.cat([d.reshape(-1) for d in done])
         pending = replicas.all_gather_stack(flat.unsqueeze(0), replicas.world_size, async_op=True)
@@ -385,7 +387,7 @@ class MatrixOptimizer(BaseOptimizer):
         for d, indices in enumerate(assigned):
             parts = gathered[d, : sum(sizes[d])].split(sizes[d])
             for i, part in zip(indices, parts, strict=True):
-                result[i] = part.view_as(pieces[i])
+                result[i] = part.view_as(pieces[i]).to(pieces[i].dtype)
         return result
 
     def _exchange_blocks(self, group, pieces, blocks, shape):
@@ -393,12 +395,14 @@ class MatrixOptimizer(BaseOptimizer):
 
         pieces[i] is this rank's block of matrix i, and blocks[i][s] is the Block of rank s
         (every rank knows all blocks). Every matrix has `shape`. Returns this rank's block of
-        each result.
+        each result, in the compute dtype.
 
         Matrix i is owned by rank i % world. One all-to-all brings each owner the blocks of its
         matrices; the owner assembles and orthonormalizes whole matrices; a second all-to-all
         returns every rank its blocks. No matrix is orthonormalized twice, nothing is padded,
-        and a rank with empty blocks simply sends and receives nothing for them.
+        and a rank with empty blocks simply sends and receives nothing for them. Both ways the
+        blocks travel in the compute dtype: Newton-Schulz's first step casts its input to it,
+        so sending fp32 blocks would move twice the bytes for the same bits.
         """
         comm = self.comm
         world, rank, total = comm.world_size, comm.rank, len(pieces)
@@ -411,18 +415,18 @@ class MatrixOptimizer(BaseOptimizer):
             return []
         owned, outgoing, incoming = exchange_sizes(blocks, world, rank)
         mine = owned[rank]
-        device, out_dtype = pieces[0].device, pieces[0].dtype
+        device = pieces[0].device
         dtype = ns_dtype(group, device)
         pending = comm.exchange(
             [[pieces[i] for i in owned[o]] for o in range(world)],
             incoming,
-            out_dtype,
+            dtype,
             device,
             async_op=True,
         )
         yield
         received = pending.wait()
-        full = torch.zeros(len(mine), *shape, dtype=out_dtype, device=device)
+        full = torch.zeros(len(mine), *shape, dtype=dtype, device=device)
         for s, flat in enumerate(received):
             for x, (j, part) in enumerate(
                 zip(mine, flat.split([blocks[j][s].numel for j in mine]), strict=True)
@@ -448,7 +452,7 @@ class MatrixOptimizer(BaseOptimizer):
         result = [None] * total
         for o, flat in enumerate(back):
             for i, part in zip(owned[o], flat.split([blocks[i][rank].numel for i in owned[o]]), strict=True):
-                result[i] = part.view(blocks[i][rank].rows, blocks[i][rank].cols).to(out_dtype)
+                result[i] = part.view(blocks[i][rank].rows, blocks[i][rank].cols)
         return result
 
     def _orthonormalize(self, group, stacked, shared=True):

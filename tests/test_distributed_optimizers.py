@@ -1,5 +1,6 @@
 """Distributed optimizer steps (gloo, several processes) against the single-process step."""
 
+import contextlib
 import math
 import os
 
@@ -11,6 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from optimizers import AdamWLion, Dion, Dion2, Muon, NorDion2, NorMuon
+from optimizers.comm import Communicator
 from tests.conftest import gloo
 
 # Five matrices of one shape (an uneven split over 2 or 3 ranks), two of another, a batch of
@@ -191,11 +193,12 @@ def group_of(params, kwargs):
 DION2_SETTINGS = {Dion2: {"fraction": 0.3, "ef_decay": 0.9}, NorDion2: {"fraction": 0.3, "mu": 0.9}}
 
 
-def run_sharded(name, layout=None, mesh=None, overlap=2):
+def run_sharded(name, layout=None, mesh=None, overlap=2, **options):
     """STEPS steps of a case on SHARDED_SHAPES, sharded as `layout` says over `mesh` (whole
-    matrices in one process). Returns full weights and momenta, and what the test needs."""
+    matrices in one process), with `options` added to the case's. Returns full weights and
+    momenta, and what the test needs."""
     cls, kwargs = SHARDED_CASES[name]
-    kwargs = {**DION2_SETTINGS.get(cls, {}), **kwargs}
+    kwargs = {**DION2_SETTINGS.get(cls, {}), **kwargs, **options}
     gen = torch.Generator().manual_seed(1)
     fulls = [torch.randn(s, generator=gen) for s in SHARDED_SHAPES]
     grads = [[torch.randn(s, generator=gen) for s in SHARDED_SHAPES] for _ in range(STEPS)]
@@ -354,6 +357,70 @@ def test_sharded_step_equals_single_process(sharded_results, name):
             assert_same(result["momentum"], single["momentum"], atol=1e-6)
             assert_same(result["moments"], single["moments"], atol=1e-6)
             assert result["stats"] == single["stats"]
+
+
+class Widened:
+    """A collective's Pending whose result arrives in fp32 and is cast to `dtype` on wait()."""
+
+    def __init__(self, pending, dtype):
+        self.pending, self.dtype = pending, dtype
+
+    def wait(self):
+        result = self.pending.wait()
+        return [t.to(self.dtype) for t in result] if isinstance(result, list) else result.to(self.dtype)
+
+
+@contextlib.contextmanager
+def fp32_on_the_wire():
+    """Every exchange and all-gather of the optimizers sent in fp32 and cast back on arrival:
+    the bytes the blocks cost before they travelled in the compute dtype."""
+    exchange, all_gather = Communicator.exchange, Communicator.all_gather_stack
+
+    def wide_exchange(self, outgoing, incoming, dtype, device, async_op=False):
+        widened = Widened(exchange(self, outgoing, incoming, torch.float32, device, async_op=True), dtype)
+        return widened if async_op else widened.wait()
+
+    def wide_all_gather(self, mine, total, async_op=False):
+        widened = Widened(all_gather(self, mine.float(), total, async_op=True), mine.dtype)
+        return widened if async_op else widened.wait()
+
+    Communicator.exchange, Communicator.all_gather_stack = wide_exchange, wide_all_gather
+    try:
+        yield
+    finally:
+        Communicator.exchange, Communicator.all_gather_stack = exchange, all_gather
+
+
+WIRE_CASES = ("muon", "dion2_global_l1")
+
+
+def wire_worker(rank, world_size, init_file, out_dir, layout):
+    with gloo(rank, world_size, init_file):
+        _, shape, names, _, _ = LAYOUTS[layout]
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        for name in WIRE_CASES:
+            bf16 = run_sharded(name, layout, mesh, ns_dtype=torch.bfloat16)
+            with fp32_on_the_wire():
+                fp32 = run_sharded(name, layout, mesh, ns_dtype=torch.bfloat16)
+            torch.save((bf16, fp32), os.path.join(out_dir, f"{name}_{rank}.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["fsdp2", "hsdp2x2"])
+def test_blocks_travel_in_the_compute_dtype_for_the_same_bits(tmp_path, layout):
+    # With Newton-Schulz in bf16 the owners received fp32 blocks whose first use is the cast
+    # to bf16, and HSDP's replicas all-gathered fp32 copies of bf16 results.
+    world_size = LAYOUTS[layout][0]
+    mp.spawn(wire_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path), layout), nprocs=world_size)
+    for name in WIRE_CASES:
+        for rank in range(world_size):
+            bf16, fp32 = torch.load(tmp_path / f"{name}_{rank}.pt")
+            assert_same(bf16["params"], fp32["params"], atol=0)
+            assert_same(bf16["momentum"], fp32["momentum"], atol=0)
+            if name == "muon":  # Muon moves nothing but its blocks: half the bytes
+                assert 2 * bf16["comm_bytes"] == fp32["comm_bytes"] > 0
+            else:  # Dion2 also sums its l1 norms in fp32
+                assert bf16["comm_bytes"] < fp32["comm_bytes"]
 
 
 # Compressed data-parallel sync: each replica holds its own gradient, and the optimizer

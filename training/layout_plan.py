@@ -161,14 +161,14 @@ class _Planner:
         assigned = replica_assignment(len(blocks), len(self.replicas))
         self.exchange_blocks([blocks[i] for i in assigned[self.replica_rank]], shape)
         _, longest = replica_sizes(blocks, assigned, self.group_rank)
-        self.plan.traffic.all_gather(len(self.replicas), longest, PARAM_BYTES, "dp")
+        self.plan.traffic.all_gather(len(self.replicas), longest, self.ns_bytes, "dp")
 
     def exchange_blocks(self, blocks, shape):
         """`MatrixOptimizer._exchange_blocks`: blocks to their owners and back."""
         if not blocks:
             return
         owned, outgoing, incoming = exchange_sizes(blocks, self.world, self.group_rank)
-        self.plan.traffic.all_to_all(self.group_rank, incoming, outgoing, PARAM_BYTES, "distributed")
+        self.plan.traffic.all_to_all(self.group_rank, incoming, outgoing, self.ns_bytes, "distributed")
         self.newton_schulz(len(owned[self.group_rank]), *shape)
         self.plan.traffic.all_to_all(self.group_rank, outgoing, incoming, self.ns_bytes, "distributed")
 
