@@ -7,10 +7,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import tiktoken
-from tiktoken.load import load_tiktoken_bpe
-from tiktoken_ext.openai_public import r50k_pat_str
-
 from data.shards import EOT_TOKEN
 
 # GPT-2's ranks are byte-identical to r50k_base; this is the hash of that file.
@@ -42,7 +38,13 @@ def gpt2_encoding(ranks_path=None):
 
     Tried in order: `ranks_path`, the copy shipped in this repository, the copy inside an
     installed openai-whisper, and last tiktoken's own "gpt2" (which downloads on first use).
+    tiktoken is imported here, where GPT-2's ids are first read as text: a run, a benchmark or
+    gpu_check on the byte tokenizer, or on token shards alone, does not need it.
     """
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext.openai_public import r50k_pat_str
+
     candidates = [ranks_path] if ranks_path is not None else [SHIPPED_RANKS, _whisper_ranks()]
     for path in candidates:
         if path is not None and Path(path).is_file():

@@ -10,10 +10,11 @@
 
 Each optimizer in `--optimizer`, under each mode in `--activation_checkpointing` (a list here;
 the config's mode when it is not given), runs in a fresh process: `--warmup` steps (compilation
-happens there), then `--steps` timed training steps of the config on random tokens, in one
-process on one device. The model is built and each step taken by the very functions that
-train.py calls (training/model_setup.py, training/step.py): every micro-batch's forward and
-backward, then the gradient clipping, the ranks' agreement on the loss, and optimizer.step().
+happens there), then `--steps` timed training steps of the config on random tokens (or, with
+`--data shards`, the config's `data_dir` through the loader), in one process on one device.
+The model is built and each step taken by the very functions that train.py calls
+(training/model_setup.py, training/step.py): every micro-batch's forward and backward, then
+the gradient clipping, the ranks' agreement on the loss, and optimizer.step().
 Any other `--key value` is a config override, as for train.py.
 
 Reported per optimizer: median step time, tokens/s, the shares of forward+backward and of the
@@ -39,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from data.loader import TokenLoader, find_shards
 from data.tokenizer import TOKENIZERS
 from models.flops import training_flops
 from scripts.timing import synchronize
@@ -76,8 +78,9 @@ def peak_tflops(device, override):
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def measure(argv, optimizer, steps, warmup, peak_override):
-    """Run warmup + timed steps of one optimizer; return its measurements."""
+def measure(argv, optimizer, steps, warmup, peak_override, data="random"):
+    """Run warmup + timed steps of one optimizer on `data` ("random" tokens made on the
+    device, or the config's "shards" through the loader); return its measurements."""
     cfg = load_config_for(argv, optimizer)
     ctx = init_distributed(cfg.device, cfg.timeout)
     device = ctx.device
@@ -85,19 +88,25 @@ def measure(argv, optimizer, steps, warmup, peak_override):
     opt = build_optimizer(build_param_groups(model, cfg), cfg)
     autocast = bf16_autocast(cfg.precision, device)
     micro_steps = cfg.batch_size // cfg.device_batch_size
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    shape = (cfg.device_batch_size, cfg.sequence_length + 1)
     vocab = TOKENIZERS[cfg.tokenizer].vocab_size
-    batches = itertools.cycle(
-        [
-            torch.randint(0, vocab, shape, device=device, generator=generator)
-            for _ in range(min(micro_steps, 4))
-        ]
-    )
+    if data == "shards":
+        paths = find_shards(cfg.data_dir, "train")
+        next_batch = TokenLoader(
+            paths, cfg.device_batch_size, cfg.sequence_length, 0, 1, device, vocab
+        ).next_batch
+    else:
+        generator = torch.Generator(device).manual_seed(cfg.seed)
+        shape = (cfg.device_batch_size, cfg.sequence_length + 1)
+        batches = itertools.cycle(
+            [
+                torch.randint(0, vocab, shape, device=device, generator=generator)
+                for _ in range(min(micro_steps, 4))
+            ]
+        )
 
-    def next_batch():
-        tokens = next(batches)
-        return tokens[:, :-1], tokens[:, 1:]
+        def next_batch():
+            tokens = next(batches)
+            return tokens[:, :-1], tokens[:, 1:]
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -189,6 +198,12 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak, for MFU")
     parser.add_argument(
+        "--data",
+        choices=("random", "shards"),
+        default="random",
+        help="random tokens made on the device, or the config's data_dir through the loader",
+    )
+    parser.add_argument(
         "--activation_checkpointing",
         default=None,
         help="comma-separated modes to compare, each with every optimizer (default: the config's)",
@@ -228,7 +243,7 @@ def main(argv):
         with context.Pool(1) as pool:
             try:
                 results[label] = pool.apply(
-                    measure, (run_argv, name, args.steps, args.warmup, args.peak_tflops)
+                    measure, (run_argv, name, args.steps, args.warmup, args.peak_tflops, args.data)
                 )
             except (ConfigError, ParamGroupError) as e:
                 sys.exit(f"error: {label}: {e}")

@@ -1,31 +1,49 @@
-"""Every CUDA-only path, checked on one GPU in a few minutes, with one table of results.
+"""Every CUDA-only path, checked on one GPU in under 8 minutes, with one table of results.
 
-    python scripts/gpu_check.py            # on a machine with a CUDA GPU
-    python scripts/gpu_check.py --dry-run  # list the checks, run nothing
+    python scripts/gpu_check.py                          # on a machine with a CUDA GPU
+    python scripts/gpu_check.py --cache_dir /tmp/gc      # compiled graphs kept: a rerun is cheap
+    python scripts/gpu_check.py --dry-run                # list the checks, run nothing
 
 The test suite runs on CPUs, so these paths are checked nowhere else:
 - the Triton kernels, compiled for the GPU, against PyTorch: fp32 products must be full fp32
-  (tl.dot would take TF32), and a launch must follow its tensors' device;
+  (tl.dot would take TF32); a launch must run on the current stream of its tensors' device
+  (one GPU: a second stream; a second GPU current while the tensors are on the first needs 2);
 - bf16 autocast, and FSDP's bf16 mixed precision on one rank, which must compute what
   autocast computes (fp32 residual stream and rotary tables);
-- the CUDA generator's state through a checkpoint's JSON;
+- the CUDA generator's state through a checkpoint's JSON (with another GPU current, given 2);
 - `compile: true`, with no recompile after the first step;
-- no host synchronization inside optimizer.step() or the gradient clipping, for each optimizer;
-- `--steps` training steps of the 160M config with each optimizer: tokens/s, MFU, the
-  optimizer's share of the step and peak memory (scripts/bench_train.py's measurement).
+- no host synchronization (CUDA's sync debug mode) in the gradient clipping and
+  optimizer.step() of each optimizer, eager, compiled and with the Triton kernels, with the
+  diagnostics capturing; in the loader's batches; and exactly one in the ranks' agreement;
+- Newton-Schulz in bf16 through the Triton kernels against PyTorch, timed on the 160M and 1B
+  buckets: whether the fixed 64 x 32 tiles need autotuning;
+- `--steps` training steps of the 160M config with each optimizer on the shipped GPT-2 token
+  shards through the real loader, each in a fresh process so that its peak memory is its own:
+  tokens/s, MFU, the optimizer's share of the step and peak memory (scripts/bench_train.py).
 
-It needs torch, numpy, PyYAML and triton; it exits 0 when every check passes, 1 otherwise.
-Without CUDA it says so in one line and exits 0.
+Time on one H100, by estimate: the 160M rows take about 6 x 25 s = 2.5 min (a process's
+start and model build 10 s, 5 warm-up and 100 timed steps at about 0.1 s each for 16 x 1024
+tokens at 30-40% MFU); the compile check and the compiled host-sync variants about 4 x 30 s
+= 2 min of Inductor compilation the first time (seconds with --cache_dir on a rerun); the
+Triton timing about 30 s (each tile shape's first compile, then 5 timed calls per bucket);
+the rest under 1 min. About 6 min in all, 4 min on a rerun with the cache.
+
+It needs torch, numpy, PyYAML and triton, and names every one missing in one line before any
+check; it exits 0 when every check passes, 1 otherwise. Without CUDA it says so in one line
+and exits 0.
 """
 
 import argparse
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
+import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -39,6 +57,10 @@ REPO = Path(__file__).resolve().parents[1]
 # A model small enough to check a path in seconds, with every kind of parameter.
 SMALL = ["--model_dim", "256", "--n_layer", "2", "--n_head", "4", "--sequence_length", "256"]
 SMALL += ["--batch_size", "8", "--device_batch_size", "8", "--lr", "0.02"]
+# What the checks import beyond torch, by import name and by the name pip installs it under.
+REQUIRED = {"numpy": "numpy", "yaml": "PyYAML", "triton": "triton"}
+# GPT-2 token shards that ship with the repository: the 160M rows read them through the loader.
+SHIPPED_SHARDS = REPO / "data" / "shakespeare"
 
 
 class Skipped(Exception):
@@ -80,20 +102,82 @@ def check_triton_newton_schulz(device):
     return ", ".join(f"{str(d)[6:]}: kernels {k:.1e}, PyTorch {p:.1e}" for d, (k, p) in errors.items())
 
 
-def check_triton_device_guard(device):
-    """A launch on tensors of the second GPU while the first is current."""
+def check_triton_launch_placement(device):
+    """A launch runs on the current stream of its tensors' device (2 GPUs: with another current)."""
     from optimizers.triton_ns import sym_gram
 
+    source = torch.randn(2, 128, 256, device=device)
+    expected = torch.bmm(source, source.mT)
+    x = torch.zeros_like(source)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        # The input is written only after a sleep on this stream: a launch on any other stream
+        # would read the zeros still there.
+        torch.cuda._sleep(100_000_000)
+        x.copy_(source)
+        result = sym_gram(x)
+    torch.cuda.synchronize(device)
+    error = relative_error(result, expected)
+    assert error < 1e-5, f"second stream: {error:.1e} off"
+    details = [f"on a second stream: relative error {error:.1e}"]
     if torch.cuda.device_count() < 2:
-        raise Skipped("needs 2 GPUs")
+        details.append("a launch on cuda:1 with cuda:0 current needs 2 GPUs (not run)")
+        return "; ".join(details)
     other = torch.device("cuda", 1)
     x = torch.randn(2, 128, 256, device=other)
     with torch.cuda.device(0):
         result = sym_gram(x)
     torch.cuda.synchronize(other)
     error = relative_error(result, torch.bmm(x, x.mT))
-    assert error < 1e-5, f"{error:.1e} off"
-    return f"cuda:1 with cuda:0 current: relative error {error:.1e}"
+    assert error < 1e-5, f"cuda:1 with cuda:0 current: {error:.1e} off"
+    return "; ".join([*details, f"cuda:1 with cuda:0 current: relative error {error:.1e}"])
+
+
+def timed(fn, device, calls=5):
+    """The median seconds of `calls` calls of fn() after one untimed call, by CUDA events."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+# The buckets Muon orthonormalizes per step: (count, rows, cols) of the 160M (768 wide, 12
+# layers) and 1B (2048 wide, 16 layers) models' q, k, v and out, MLP fc and MLP proj.
+NS_BUCKETS = {
+    "160M": [(48, 768, 768), (12, 3072, 768), (12, 768, 3072)],
+    "1B": [(64, 2048, 2048), (16, 8192, 2048), (16, 2048, 8192)],
+}
+
+
+def check_triton_bf16_timing(device):
+    """Newton-Schulz in bf16, Triton kernels against PyTorch, on the 160M and 1B buckets."""
+    from optimizers.newton_schulz import newton_schulz
+
+    parts, ratios = [], []
+    for model, buckets in NS_BUCKETS.items():
+        for count, m, n in buckets:
+            x = torch.randn(count, m, n, device=device)
+            seconds = {
+                kernels: timed(
+                    lambda x=x, kernels=kernels: newton_schulz(x, dtype=torch.bfloat16, use_triton=kernels),
+                    device,
+                )
+                for kernels in (False, True)
+            }
+            ratios.append(seconds[True] / seconds[False])
+            parts.append(
+                f"{model} {count}x{m}x{n}: PyTorch {seconds[False] * 1e3:.1f} ms, "
+                f"Triton {seconds[True] * 1e3:.1f} ms ({ratios[-1]:.2f}x)"
+            )
+            del x
+    return {"detail": "; ".join(parts), "triton/pytorch": f"{min(ratios):.2f}-{max(ratios):.2f}x"}
 
 
 def training_parts(argv, optimizer="muon"):
@@ -183,15 +267,22 @@ def check_fsdp_mixed_precision(device):
 
 
 def check_cuda_rng(device):
-    """The CUDA generator's state through a checkpoint's JSON and back."""
+    """The CUDA generator's state through a checkpoint's JSON and back (2 GPUs: another current)."""
     from training.checkpoint import rng_state, set_rng_state
 
-    state = json.loads(json.dumps(rng_state()))
+    # With a second GPU, the save and the restore run while it is current: a state kept by the
+    # current device's index instead of its own would land on the wrong generator.
+    current = torch.device("cuda", 1) if torch.cuda.device_count() > 1 else device
+    with torch.cuda.device(current):
+        state = json.loads(json.dumps(rng_state()))
     expected = torch.rand(4, device=device)
     torch.rand(100, device=device)
-    set_rng_state(state)
+    with torch.cuda.device(current):
+        set_rng_state(state)
     assert torch.equal(torch.rand(4, device=device), expected), "a different draw after the restore"
-    return "the same draw after the restore"
+    if current == device:
+        return "the same draw after the restore; with another GPU current needs 2 GPUs (not run)"
+    return f"the same draw on {device} after a save and restore with {current} current"
 
 
 def check_compile(device):
@@ -211,28 +302,54 @@ def check_compile(device):
     return ", ".join(details) + ", none after step 1"
 
 
+def host_waits(device, fn):
+    """fn() under CUDA's sync debug mode "warn": (its result, how often the host waited)."""
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchroniz" in str(w.message) for w in caught)
+
+
 def check_no_host_sync(device):
-    """optimizer.step() and the gradient clipping of each optimizer, under CUDA's sync debug mode."""
+    """No host wait in each optimizer's clip and step (eager, compiled, Triton) or the loader."""
+    from data.loader import TokenLoader, find_shards
     from training.grad_clip import clip_grad_norm
+    from training.step import agree
 
     variants = {name: [name] for name in OPTIMIZERS}
     variants["dion2 random"] = ["dion2", "--selection", "random"]
+    for name in ("muon", "dion2"):
+        variants[f"{name} compiled"] = [name, "--compile", "true"]
+        variants[f"{name} triton"] = [name, "--use_triton", "true"]
     for name, (optimizer, *options) in variants.items():
         parts = training_parts([*SMALL, "--device", str(device), *options], optimizer)
         cfg, model, forward, opt, next_batch, autocast = parts
-        train_losses(parts, 2)  # state made, caches warm
+        train_losses(parts, 2)  # state made, caches warm, compiled
         with autocast:
             forward(*next_batch()).backward()
-        torch.cuda.synchronize(device)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            clip_grad_norm(model.parameters(), 1.0)
+
+        def clip_and_step(model=model, opt=opt):
+            norm = clip_grad_norm(model.parameters(), 1.0)
+            opt.capture_orthogonality()  # the diagnostics' capture rides along in the step
             opt.step()
-        except RuntimeError as e:
-            raise AssertionError(f"{name}: {str(e).splitlines()[0]}") from None
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return f"none in {', '.join(variants)}"
+            return norm
+
+        norm, waits = host_waits(device, clip_and_step)
+        assert waits == 0, f"{name}: the clipping and step made the host wait {waits} times"
+        opt.orthogonality_errors()
+    loss = torch.zeros((), device=device)
+    _, agreement = host_waits(device, lambda: agree(loss, norm, False, 1))
+    assert agreement == 1, f"the ranks' agreement made the host wait {agreement} times, not once"
+    loader = TokenLoader(find_shards(SHIPPED_SHARDS, "train"), 8, 256, device=device)
+    loader.next_batch()  # the first shard is read and checked here
+    _, batches = host_waits(device, lambda: [loader.next_batch() for _ in range(4)])
+    assert batches == 0, f"4 batches from the loader made the host wait {batches} times"
+    return f"none in {', '.join(variants)}, nor in 4 loader batches; one in the agreement"
 
 
 def make_check_160m(optimizer, steps):
@@ -242,8 +359,10 @@ def make_check_160m(optimizer, steps):
         from scripts.bench_train import measure
 
         argv = ["--config", str(REPO / "configs" / "dion2_160m.yaml"), "--device", str(device)]
-        argv += ["--batch_size", "16", "--device_batch_size", "16"]
-        r = measure(argv, optimizer, steps, 5, None)
+        argv += ["--batch_size", "16", "--device_batch_size", "16", "--data_dir", str(SHIPPED_SHARDS)]
+        # A fresh process, as bench_train runs each: the peak memory and caches are the row's own.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            r = pool.apply(measure, (argv, optimizer, steps, 5, None, "shards"))
         assert math.isfinite(r["final_loss"]), f"loss {r['final_loss']}"
         tokens_per_s = r["tokens_per_step"] / r["step"]
         return {
@@ -256,7 +375,9 @@ def make_check_160m(optimizer, steps):
             "peak GiB": f"{r['peak_bytes'] / 2**30:.2f}",
         }
 
-    check_160m.__doc__ = f"{steps} steps of the 160M config (16 x 1024 tokens a step) with {optimizer}."
+    check_160m.__doc__ = (
+        f"{steps} steps of the 160M config (16 x 1024 tokens a step, shipped shards) with {optimizer}."
+    )
     return check_160m
 
 
@@ -265,7 +386,8 @@ def checks(steps):
     found = {
         "triton products": check_triton_products,
         "triton newton-schulz": check_triton_newton_schulz,
-        "triton device guard": check_triton_device_guard,
+        "triton launch placement": check_triton_launch_placement,
+        "triton bf16 timing": check_triton_bf16_timing,
         "bf16 autocast": check_bf16_autocast,
         "fsdp bf16 1 rank": check_fsdp_mixed_precision,
         "cuda rng": check_cuda_rng,
@@ -276,7 +398,12 @@ def checks(steps):
     return found
 
 
-COLUMNS = ("tokens/s", "MFU", "optim", "peak GiB")
+COLUMNS = ("tokens/s", "MFU", "optim", "peak GiB", "triton/pytorch")
+
+
+def missing_packages():
+    """The pip names of the packages in REQUIRED that this Python cannot import."""
+    return [pip for name, pip in REQUIRED.items() if importlib.util.find_spec(name) is None]
 
 
 def main(argv):
@@ -284,6 +411,12 @@ def main(argv):
     parser.add_argument("--dry-run", action="store_true", help="list the checks and run nothing")
     parser.add_argument("--steps", type=int, default=100, help="timed steps of the 160M config per optimizer")
     parser.add_argument("--only", default=None, help="comma-separated check names (default: all)")
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help="keep Inductor's and Triton's compiled code here (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), "
+        "so that a rerun skips compilation",
+    )
     args = parser.parse_args(argv)
     found = checks(args.steps)
     if args.only:
@@ -293,16 +426,22 @@ def main(argv):
             parser.error(f"--only: unknown check {unknown[0]!r}; the checks: {', '.join(found)}")
         found = {n: found[n] for n in names}
     if args.dry_run:
+        width = max(map(len, found)) + 2
         for name, check in found.items():
-            print(f"{name:<22} {check.__doc__.splitlines()[0]}")
+            print(f"{name:<{width}}{check.__doc__.splitlines()[0]}")
         return 0
+    missing = missing_packages()
+    if missing:
+        names = ", ".join(missing)
+        print(f"gpu_check: missing packages: {names}; install them: pip install {' '.join(missing)}")
+        return 1
     if not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device here (torch {torch.__version__}); nothing to check")
         return 0
-    missing = [name for name in ("numpy", "yaml", "triton") if importlib.util.find_spec(name) is None]
-    if missing:
-        print(f"gpu_check: missing packages: {', '.join(missing)} (yaml is PyYAML); install them first")
-        return 1
+    if args.cache_dir:
+        # Set before anything compiles; the 160M rows' processes inherit them.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.cache_dir) / "inductor")
+        os.environ["TRITON_CACHE_DIR"] = str(Path(args.cache_dir) / "triton")
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = torch.device("cuda", 0)
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")

@@ -135,7 +135,12 @@ def test_gpu_check_lists_its_checks_and_without_cuda_says_so_in_one_line():
     listed = run_script("gpu_check.py", "--dry-run")
     assert listed.returncode == 0, listed.stderr
     names = [line.split("  ")[0] for line in listed.stdout.splitlines()]
-    assert names[:3] == ["triton products", "triton newton-schulz", "triton device guard"]
+    assert names[:4] == [
+        "triton products",
+        "triton newton-schulz",
+        "triton launch placement",
+        "triton bf16 timing",
+    ]
     assert {"fsdp bf16 1 rank", "compile", "no host sync", "160m dion2", "160m adamw"} <= set(names)
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the check would run")
@@ -149,6 +154,38 @@ def test_gpu_check_lists_its_checks_and_without_cuda_says_so_in_one_line():
         unknown.returncode == 2
         and "--only: unknown check 'fsdp'; the checks: triton products" in unknown.stderr
     )
+
+
+def with_hidden(packages, code):
+    """Run `code` in a fresh Python in the repository, as if `packages` were not installed."""
+    hide = f"import sys\nfor name in {packages!r}: sys.modules[name] = None\nsys.path.insert(0, '.')\n"
+    return subprocess.run(
+        [sys.executable, "-c", hide + code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_gpu_check_names_every_missing_package_in_one_line():
+    run = with_hidden(
+        ("yaml", "triton"),
+        "import runpy\nsys.argv = ['gpu_check.py']\n"
+        "runpy.run_path('scripts/gpu_check.py', run_name='__main__')",
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.splitlines() == [
+        "gpu_check: missing packages: PyYAML, triton; install them: pip install PyYAML triton"
+    ]
+
+
+def test_gpu_check_trains_without_tiktoken():
+    # data/tokenizer.py imported tiktoken at the top, so every check that read the config died
+    # on an image with torch and nothing else; only GPT-2's text needs it.
+    run = with_hidden(
+        ("tiktoken", "tiktoken_ext", "tiktoken.load"),
+        "from scripts.gpu_check import SMALL, train_losses, training_parts\n"
+        "print(train_losses(training_parts([*SMALL, '--device', 'cpu', '--n_layer', '1']), 2))",
+    )
+    assert run.returncode == 0, run.stderr
+    assert len(eval(run.stdout)) == 2
 
 
 # A stand-in for microsoft/dion's package, so that the comparison scripts' plumbing is tested
