@@ -193,9 +193,10 @@ def training_parts(argv, optimizer="muon"):
     ctx = init_distributed(cfg.device, cfg.timeout)
     model, forward = build_model(cfg, Layout(), None, ctx)
     opt = build_optimizer(build_param_groups(model, cfg), cfg)
+    # Drawn on the device of the generator: a CUDA generator with CPU draws is an error.
     generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
-    tokens = torch.randint(0, 50257, (cfg.device_batch_size, cfg.sequence_length + 1), generator=generator)
-    tokens = tokens.to(ctx.device)
+    shape = (cfg.device_batch_size, cfg.sequence_length + 1)
+    tokens = torch.randint(0, 50257, shape, device=ctx.device, generator=generator)
     autocast = bf16_autocast(cfg.precision, ctx.device)
     return cfg, model, forward, opt, lambda: (tokens[:, :-1], tokens[:, 1:]), autocast
 
@@ -267,22 +268,22 @@ def check_fsdp_mixed_precision(device):
 
 
 def check_cuda_rng(device):
-    """The CUDA generator's state through a checkpoint's JSON and back (2 GPUs: another current)."""
+    """The CUDA generator's state through a checkpoint's JSON and back (2 GPUs: on cuda:1)."""
     from training.checkpoint import rng_state, set_rng_state
 
-    # With a second GPU, the save and the restore run while it is current: a state kept by the
-    # current device's index instead of its own would land on the wrong generator.
-    current = torch.device("cuda", 1) if torch.cuda.device_count() > 1 else device
-    with torch.cuda.device(current):
+    # With a second GPU, the process's own device is cuda:1, as a torchrun rank's would be: a
+    # state kept by a fixed index (cuda:0's) instead of the current device's would not give
+    # cuda:1's draws back.
+    own = torch.device("cuda", 1) if torch.cuda.device_count() > 1 else device
+    with torch.cuda.device(own):
         state = json.loads(json.dumps(rng_state()))
-    expected = torch.rand(4, device=device)
-    torch.rand(100, device=device)
-    with torch.cuda.device(current):
+        expected = torch.rand(4, device=own)
+        torch.rand(100, device=own)
         set_rng_state(state)
-    assert torch.equal(torch.rand(4, device=device), expected), "a different draw after the restore"
-    if current == device:
-        return "the same draw after the restore; with another GPU current needs 2 GPUs (not run)"
-    return f"the same draw on {device} after a save and restore with {current} current"
+        assert torch.equal(torch.rand(4, device=own), expected), f"another draw on {own} after the restore"
+    if own == device:
+        return "the same draw after the restore; with another GPU as the process's own needs 2 GPUs (not run)"
+    return f"the same draw on {own}, the current device, after the restore"
 
 
 def check_compile(device):
@@ -360,7 +361,9 @@ def make_check_160m(optimizer, steps):
 
         argv = ["--config", str(REPO / "configs" / "dion2_160m.yaml"), "--device", str(device)]
         argv += ["--batch_size", "16", "--device_batch_size", "16", "--data_dir", str(SHIPPED_SHARDS)]
-        # A fresh process, as bench_train runs each: the peak memory and caches are the row's own.
+        # A fresh process, as bench_train runs each: the peak memory and caches are the row's own,
+        # and what this process keeps cached is given back first.
+        torch.cuda.empty_cache()
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             r = pool.apply(measure, (argv, optimizer, steps, 5, None, "shards"))
         assert math.isfinite(r["final_loss"]), f"loss {r['final_loss']}"
