@@ -16,7 +16,9 @@ if [ "${1:-}" = "--python" ]; then
     python="python${2:?$usage}"
     shift 2
 fi
-command -v "$python" >/dev/null || { echo "check_torch_version: no $python on PATH; $usage" >&2; exit 2; }
+# A pyenv shim exists for every installed version but runs only the active ones
+# (PYENV_VERSION=3.11.7:3.12.1 makes both active).
+"$python" -c "" 2>/dev/null || { echo "check_torch_version: $python does not run here; $usage" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 venv=".venvs/torch-$version-py$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 if [ ! -x "$venv/bin/python" ]; then
