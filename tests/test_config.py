@@ -127,13 +127,15 @@ def test_shipped_configs_load():
         assert isinstance(cfg, TrainConfig) and cfg.run_name == path.stem
 
 
-def test_readme_table_is_the_configs_own_definitions():
+def test_the_docs_table_is_the_configs_own_definitions():
     import re
 
     from tests.conftest import REPO
 
     rows = re.findall(
-        r"^\| `(\w+)` \| `([^|]+)` \| (.+) \|$", (REPO / "README.md").read_text(), flags=re.MULTILINE
+        r"^\| `(\w+)` \| `([^|]+)` \| (.+) \|$",
+        (REPO / "docs" / "configuration.md").read_text(),
+        flags=re.MULTILINE,
     )
     assert [row[0] for row in rows] == list(KEYS)
     for name, default, meaning in rows:

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 
 def key(default, meaning):
-    """A config key: its default and what it means (shown by `--help` and in the README)."""
+    """A config key: its default and what it means (shown by `--help` and in docs/configuration.md)."""
     return dataclasses.field(default=default, metadata={"meaning": meaning})
 
 
