@@ -25,8 +25,8 @@ def orthonormalize_columns(p, method):
     and leaves a basis of condition number well below 1e8, which two plain passes make
     orthonormal to p's working precision. The plain passes add one float64 rounding unit of the
     mean eigenvalue, and every diagonal at least p's dtype's smallest normal number, so that a
-    zero p gives zeros, not NaN. No step branches on the
-    factorization's success, which would make the host wait for the device on every matrix.
+    zero p gives zeros, not NaN. No step branches on the factorization's success, which would
+    make the host wait for the device on every matrix.
     """
     if method == "qr":
         return torch.linalg.qr(p).Q

@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from optimizers.registry import OPTIMIZERS
+from scripts.timing import interleaved
 
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough to check a path in seconds, with every kind of parameter.
@@ -134,20 +135,6 @@ def check_triton_launch_placement(device):
     return "; ".join([*details, f"cuda:1 with cuda:0 current: relative error {error:.1e}"])
 
 
-def timed(fn, device, calls=5):
-    """The median seconds of `calls` calls of fn() after one untimed call, by CUDA events."""
-    fn()
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 # The buckets Muon orthonormalizes per step: (count, rows, cols) of the 160M (768 wide, 12
 # layers) and 1B (2048 wide, 16 layers) models' q, k, v and out, MLP fc and MLP proj.
 NS_BUCKETS = {
@@ -164,13 +151,11 @@ def check_triton_bf16_timing(device):
     for model, buckets in NS_BUCKETS.items():
         for count, m, n in buckets:
             x = torch.randn(count, m, n, device=device)
-            seconds = {
-                kernels: timed(
-                    lambda x=x, kernels=kernels: newton_schulz(x, dtype=torch.bfloat16, use_triton=kernels),
-                    device,
-                )
+            calls = {
+                kernels: lambda x=x, k=kernels: newton_schulz(x, dtype=torch.bfloat16, use_triton=k)
                 for kernels in (False, True)
             }
+            seconds = {k: statistics.median(t) for k, t in interleaved(calls, 5, 1, device).items()}
             ratios.append(seconds[True] / seconds[False])
             parts.append(
                 f"{model} {count}x{m}x{n}: PyTorch {seconds[False] * 1e3:.1f} ms, "
