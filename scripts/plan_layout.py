@@ -22,6 +22,10 @@ all-reduces) is counted by formula, apart from the optimizer's.
 """
 
 import argparse
+import contextlib
+import datetime
+import io
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,6 +77,11 @@ def parse_args(argv):
     parser.add_argument("--gpus_per_node", type=int, default=8)
     parser.add_argument("--mfu", type=float, default=0.4, help="the model's share of the bf16 peak")
     parser.add_argument("--ns_efficiency", type=float, default=0.5, help="Newton-Schulz's share of the peak")
+    parser.add_argument(
+        "--write",
+        default=None,
+        help="also write the report to this markdown file, with command and commit",
+    )
     for name in DEVICES["h100"]:
         parser.add_argument(f"--{name}", type=float, default=None, help=f"overrides the device's {name}")
     args = parser.parse_args(argv)
@@ -213,8 +222,27 @@ def main(argv=None):
     for label, cfg in planned:
         plan = plan_rank(cfg, layout, args.rank, torch.bfloat16 if args.ns_dtype == "bf16" else torch.float32)
         rows.append((label, plan, estimate(cfg, layout, args.rank, plan, args)))
+    if args.write:
+        with contextlib.redirect_stdout(io.StringIO()) as text:
+            report(rows, layout, args)
+        write_report(args.write, text.getvalue(), argv)
     report(rows, layout, args)
     return rows
+
+
+def write_report(path, text, argv):
+    """The report as a markdown file: the command, commit and date that made it, then the text.
+    The docs link these files rather than copy their figures."""
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+    commit = commit.stdout.strip()
+    command = " ".join(["python scripts/plan_layout.py", *(sys.argv[1:] if argv is None else argv)])
+    header = (
+        f"Written by `{command}` at commit {commit or 'unknown'} on {datetime.date.today()}. "
+        "A plan from the assumptions below, not a measurement.\n\n"
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(header + text)
 
 
 if __name__ == "__main__":

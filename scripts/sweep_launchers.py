@@ -31,8 +31,8 @@ TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 # Slurm's warning (submitit's signal) comes this long before the time limit.
 SIGNAL_DELAY_S = 180
 # How long torchrun lets the ranks finish after passing a signal on, before it kills them (30 s
-# by default). A 1B step plus its checkpoint must fit: by scripts/plan_layout.py, 4.2 s a step
-# on 8 H100s and 8.3 GiB of weights and optimizer state, 89 s at 100 MB/s of shared-filesystem
+# by default). A 1B step plus its checkpoint must fit: see docs/results/plan_1b_8.md for the
+# planned step and each rank's weights and state, written at 100 MB/s of shared-filesystem
 # bandwidth. Set through the environment: torchrun releases without --shutdown-timeout reject
 # the flag but ignore the variable.
 SHUTDOWN_TIMEOUT_S = SIGNAL_DELAY_S - 10
