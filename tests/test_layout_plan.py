@@ -173,6 +173,15 @@ def test_plan_layout_prints_the_paper_1b_table():
     assert rows["muon"] > rows["dion2 0.5"] > rows["dion2 0.25"]
 
 
+def test_plan_layout_writes_its_report_with_command_and_commit(tmp_path):
+    out = tmp_path / "plan.md"
+    done = run_plan("--params", "160M", "--world", "2", "--layout", "1,2,1", "--write", str(out))
+    assert done.returncode == 0, done.stderr
+    header, report = out.read_text().split("\n\n", 1)
+    assert header.startswith("Written by `python scripts/plan_layout.py --params 160M --world 2")
+    assert " at commit " in header and report == done.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
