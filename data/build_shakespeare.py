@@ -10,9 +10,6 @@ import re
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data.tokenize_text import encode_documents, split_documents, write_dataset
 from data.tokenizer import gpt2_encoding
 

@@ -8,11 +8,7 @@ plays are those of data/shakespeare; train keeps the first whole train plays tha
 TRAIN_BYTES, more than a run of configs/repro_cpu.yaml reads, so no batch repeats in a run.
 """
 
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 

@@ -11,10 +11,6 @@ runs, not how fast); torch.compile's first call, the compilation, is not timed.
 import argparse
 import statistics
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

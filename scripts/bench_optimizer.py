@@ -29,9 +29,6 @@ import sys
 from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from optimizers import Dion2, Muon

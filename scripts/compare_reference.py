@@ -11,10 +11,6 @@ with 1 when a cosine falls below --min_cosine.
 
 import argparse
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -5,10 +5,6 @@ the lm_head and the attention scores, per token and as shares of the total.
 """
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -46,10 +46,13 @@ import traceback
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
+
+if importlib.util.find_spec("optimizers") is None:  # a file of a checkout that pip has not installed
+    sys.exit(
+        "gpu_check: the repository is not installed; from its root run "
+        "`python -m pip install --no-deps --no-build-isolation -e .`, or `python -m scripts.gpu_check`"
+    )
 
 from optimizers.registry import OPTIMIZERS
 from scripts.timing import interleaved

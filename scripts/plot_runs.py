@@ -21,9 +21,6 @@ import statistics
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from scripts.run_records import RunsError, load_runs, tail_train_loss
 
 DIAGNOSTICS = ("selection_coverage_mean", "selection_coverage_min", "selection_longest_wait")

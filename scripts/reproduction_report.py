@@ -17,9 +17,6 @@ import statistics
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from scripts.compare_runs import comparison, configurations, find_configuration, plot_comparison, welch
 from scripts.plot_runs import plot_diagnostics, plot_val_loss
 from scripts.run_records import RunsError, load_runs, mean_train_loss

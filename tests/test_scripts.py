@@ -156,9 +156,15 @@ def test_gpu_check_lists_its_checks_and_without_cuda_says_so_in_one_line():
     )
 
 
+# gpu_check.py run as `python scripts/gpu_check.py` runs it.
+RUN_GPU_CHECK = (
+    "import runpy\nsys.argv = ['gpu_check.py']\nrunpy.run_path('scripts/gpu_check.py', run_name='__main__')"
+)
+
+
 def with_hidden(packages, code):
     """Run `code` in a fresh Python in the repository, as if `packages` were not installed."""
-    hide = f"import sys\nfor name in {packages!r}: sys.modules[name] = None\nsys.path.insert(0, '.')\n"
+    hide = f"import sys\nfor name in {packages!r}: sys.modules[name] = None\n"
     return subprocess.run(
         [sys.executable, "-c", hide + code], cwd=REPO, capture_output=True, text=True, timeout=300
     )
@@ -167,12 +173,23 @@ def with_hidden(packages, code):
 def test_gpu_check_names_every_missing_package_in_one_line():
     run = with_hidden(
         ("yaml", "triton"),
-        "import runpy\nsys.argv = ['gpu_check.py']\n"
-        "runpy.run_path('scripts/gpu_check.py', run_name='__main__')",
+        RUN_GPU_CHECK,
     )
     assert run.returncode == 1, run.stderr
     assert run.stdout.splitlines() == [
         "gpu_check: missing packages: PyYAML, triton; install them: pip install PyYAML triton"
+    ]
+
+
+def test_gpu_check_in_a_checkout_pip_has_not_installed_says_how_to_run_it():
+    run = with_hidden(
+        ("optimizers",),
+        RUN_GPU_CHECK,
+    )
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.splitlines() == [
+        "gpu_check: the repository is not installed; from its root run "
+        "`python -m pip install --no-deps --no-build-isolation -e .`, or `python -m scripts.gpu_check`"
     ]
 
 
