@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.loader import DataError, TokenLoader, ValidationData, find_shards
+from data.loader import DataError
 from data.shards import ShardError
 from data.tokenizer import TOKENIZERS
-from models.parallelize import tp_loss_context
+from parallel.layout import LayoutError
+from parallel.process_group import DeviceError, process_group
 from training.checkpoint import (
     CheckpointError,
+    check_resumes_into,
     load_checkpoint,
     load_model_and_optimizer,
     resolve_resume,
@@ -26,44 +28,21 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from training.config import KEYS, ConfigError, command_line, to_dict, to_yaml
+from training.config import ConfigError, command_line, to_dict, to_yaml
 from training.diagnostics import Diagnostics
-from training.distributed import mean_over_ranks, process_group
 from training.exit_codes import ExitCode
 from training.host_memory import keep_freed_memory
-from training.mesh import build_mesh, data_rank, mesh_sizes, optimizer_meshes
 from training.metrics import MetricsLogger
-from training.model_setup import build_model
-from training.param_groups import (
-    ParamGroupError,
-    build_optimizer,
-    build_param_groups,
-    describe_param_groups,
-    newton_schulz_note,
-)
-from training.precision import bf16_autocast
+from training.param_groups import ParamGroupError, describe_param_groups, newton_schulz_note
 from training.preemption import PreemptionHandler, parse_signals
+from training.run_setup import build_run, layout_of
 from training.schedule import lr_multiplier
-from training.step import NonFiniteError, accumulate_gradients, apply_gradients
+from training.step import NonFiniteError
 
 # Bad input is reported as one line, never a traceback.
-USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, ParamGroupError)
+USER_ERRORS = (ConfigError, LayoutError, DeviceError, DataError, ShardError, CheckpointError, ParamGroupError)
 # Errors that every rank raises alike, so the ranks can still leave the process group together.
 AGREED_ERRORS = (*USER_ERRORS, NonFiniteError)
-# Keys that shape the weights or the optimizer state: a checkpoint only resumes into the same values.
-RESUME_KEYS = ("tokenizer", "model_dim", "n_layer", "n_head", "sequence_length", "optimizer", "scalar_opt")
-
-
-@torch.no_grad()
-def evaluate(model, val_data, autocast, ctx):
-    """Mean loss over the fixed validation prefix, averaged over ranks."""
-    model.eval()
-    total = torch.zeros((), device=ctx.device)
-    for x, y in val_data:
-        with autocast:
-            total += model(x, y).float()
-    model.train()
-    return mean_over_ranks(total / len(val_data), ctx).item()
 
 
 def main(argv):
@@ -72,7 +51,7 @@ def main(argv):
     if cfg is None:  # --help
         return ExitCode.FINISHED
     keep_freed_memory()
-    layout = mesh_sizes(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    layout = layout_of(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     # Signals are caught from the start, so one during set-up still ends in a checkpoint.
     with (
         process_group(cfg.device, cfg.timeout, agreed_errors=AGREED_ERRORS) as ctx,
@@ -82,50 +61,17 @@ def main(argv):
 
 
 def train(cfg, layout, ctx, preemption):
-    """Train on the ranks of `ctx`: data, model, optimizer, resume, then the loop. Returns
-    FINISHED, or PREEMPTED once the step during which `preemption` was requested is saved."""
-    mesh = build_mesh(layout, ctx.device.type)
-    batch_rank, batch_ranks = data_rank(mesh, ctx)
-    if cfg.batch_size % (cfg.device_batch_size * batch_ranks):
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} must be a multiple of device_batch_size "
-            f"{cfg.device_batch_size} x data-parallel ranks (dp_size x fs_size) {batch_ranks}"
-        )
-    accum_steps = cfg.batch_size // (cfg.device_batch_size * batch_ranks)
+    """Train on the ranks of `ctx`: resume, then the loop. Returns FINISHED, or PREEMPTED once
+    the step during which `preemption` was requested is saved."""
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     resume_path, passed_over = resolve_resume(cfg.resume, run_dir)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     if checkpoint is not None:
-        # A checkpoint written before a key existed ran at that key's default.
-        saved = {k: checkpoint["config"].get(k, KEYS[k].default) for k in RESUME_KEYS}
-        changed = [k for k in RESUME_KEYS if saved[k] != getattr(cfg, k)]
-        if changed:
-            raise CheckpointError(
-                f"checkpoint {resume_path} has a different {changed[0]} "
-                f"({saved[changed[0]]}, config says {getattr(cfg, changed[0])})"
-            )
-
-    # Data: the train stream and the fixed validation prefix, split over the dp x fs ranks.
-    tokenizer = TOKENIZERS[cfg.tokenizer]
-    loader = TokenLoader(
-        find_shards(cfg.data_dir, "train"),
-        cfg.device_batch_size,
-        cfg.sequence_length,
-        batch_rank,
-        batch_ranks,
-        ctx.device,
-        tokenizer.vocab_size,
-    )
-    val_data = ValidationData(
-        find_shards(cfg.data_dir, "val"),
-        cfg.val_tokens,
-        cfg.device_batch_size,
-        cfg.sequence_length,
-        batch_rank,
-        batch_ranks,
-        ctx.device,
-        tokenizer.vocab_size,
-    )
+        check_resumes_into(checkpoint, resume_path, cfg)
+    # Data, model and optimizer, split over the layout's ranks; the matrices get the
+    # orthonormal algorithm.
+    run = build_run(cfg, layout, ctx)
+    model, optimizer, loader = run.model, run.optimizer, run.train_data
     if ctx.is_main:
         print(to_yaml(cfg), end="")
         print(f"layout {layout} on {ctx.device}")
@@ -133,14 +79,7 @@ def train(cfg, layout, ctx, preemption):
             print(note)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-
-    # Model and optimizer: one param group per parameter role; the matrices get the
-    # orthonormal algorithm.
-    model, forward = build_model(cfg, layout, mesh, ctx)
-    groups = build_param_groups(model, cfg)
-    optimizer = build_optimizer(groups, cfg, optimizer_meshes(mesh, ctx))
-    if ctx.is_main:
-        print("\n".join(describe_param_groups(groups)))
+        print("\n".join(describe_param_groups(run.groups)))
         if (note := newton_schulz_note(cfg, ctx.device)) is not None:
             print(note)
 
@@ -178,40 +117,21 @@ def train(cfg, layout, ctx, preemption):
         save_checkpoint(run_dir, step, model, optimizer, meta, cfg.keep_checkpoints)
 
     # The loop: accumulate micro-batches, agree over the ranks, clip and step, evaluate, checkpoint.
-    autocast = bf16_autocast(cfg.precision, ctx.device)
-    tp_mesh = mesh["tp"] if layout.tp_enabled else None
     tokens_per_step = cfg.batch_size * cfg.sequence_length
     diagnostics = Diagnostics(model, optimizer, cfg.diagnostics_every)
-    # The progress bar goes to stdout, so that stderr holds only warnings and errors. Under TP,
-    # every loss of the loop, and its backward, is taken on vocabulary-split logits.
-    with (
-        tqdm(
-            total=cfg.num_iterations,
-            initial=step,
-            disable=not ctx.is_main,
-            dynamic_ncols=True,
-            file=sys.stdout,
-        ) as bar,
-        tp_loss_context(layout.tp_enabled),
-    ):
+    # The progress bar goes to stdout, so that stderr holds only warnings and errors.
+    with tqdm(
+        total=cfg.num_iterations, initial=step, disable=not ctx.is_main, dynamic_ncols=True, file=sys.stdout
+    ) as bar:
         while step < cfg.num_iterations:
             start = time.perf_counter()
             last = step + 1 == cfg.num_iterations
             measured = diagnostics.due(step + 1, last)
-            train_loss = accumulate_gradients(forward, loader.next_batch, accum_steps, autocast)
+            train_loss = run.accumulate()
             if measured:
                 diagnostics.before_step()
             lr_scale = lr_multiplier(step, cfg.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio)
-            outcome = apply_gradients(
-                model,
-                optimizer,
-                train_loss,
-                lr_scale,
-                cfg.grad_clip,
-                preemption.requested,
-                ctx.world_size,
-                tp_mesh,
-            )
+            outcome = run.apply(train_loss, lr_scale, preemption.requested)
             step += 1
             step_time = time.perf_counter() - start
             record = {
@@ -232,7 +152,7 @@ def train(cfg, layout, ctx, preemption):
                         logger.log(record)
                     raise NonFiniteError(step, outcome, cfg.max_skipped_steps)
             if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
-                record["val_loss"] = evaluate(model, val_data, autocast, ctx)
+                record["val_loss"] = run.evaluate()
             if measured:
                 record.update(diagnostics.after_step())
             if ctx.is_main:
@@ -254,9 +174,10 @@ def train(cfg, layout, ctx, preemption):
         return ExitCode.PREEMPTED
     if cfg.sample_tokens:
         # Every rank samples the same tokens (sharded weights need all ranks); rank 0 prints.
+        tokenizer = TOKENIZERS[cfg.tokenizer]
         prompt = torch.tensor([[tokenizer.eot]], device=ctx.device)
         generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
-        with autocast:
+        with run.autocast:
             sample = model.generate(prompt, cfg.sample_tokens, top_k=200, generator=generator)
         if ctx.is_main:
             print(f"sample:\n{tokenizer.decode(sample[0, 1:].tolist())}")

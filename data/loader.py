@@ -144,3 +144,23 @@ class ValidationData:
             start = step_start + self.rank * local
             chunk = self.tokens[start : start + local + 1]
             yield _to_batch(chunk, self.batch_size, self.sequence_length, self.device)
+
+
+class RandomTokens:
+    """Batches of uniformly random ids drawn on `device` once, then replayed in turn: the data
+    of a benchmark or a check, which times the model and not the shards."""
+
+    def __init__(self, batch_size, sequence_length, vocab_size, device, seed, count):
+        generator = torch.Generator(device).manual_seed(seed)
+        shape = (batch_size, sequence_length + 1)
+        # Drawn on the generator's device: a CUDA generator drawing on the CPU is an error.
+        self.batches = [
+            torch.randint(0, vocab_size, shape, device=device, generator=generator) for _ in range(count)
+        ]
+        self.calls = 0
+
+    def next_batch(self):
+        """(input, target) of the next batch, as TokenLoader.next_batch gives them."""
+        tokens = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        return tokens[:, :-1], tokens[:, 1:]

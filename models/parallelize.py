@@ -1,10 +1,11 @@
-"""Model parallelism applied to a built GPT, apart from its definition (as in torchtitan)."""
+"""Model parallelism applied to a built GPT, apart from its definition (as in torchtitan): TP,
+FSDP2, DDP, and the gradient sync of their micro-batches."""
 
 import contextlib
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -13,7 +14,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from optimizers.sharding import local_tensor
+from parallel.sharding import local_tensor
 
 # Each block matrix's TP style. Colwise splits a Linear's output features (its weight's dim 0),
 # Rowwise its input features (dim 1).
@@ -143,3 +144,30 @@ def apply_fsdp(model, mesh, bf16_compute, matrix_mesh=None):
             shard(block, mesh, matrices)
     shard(model, mesh, fp32)
     return model
+
+
+def wrap_model(model, ctx, unsynced=()):
+    """Wrap the model for DDP when there is more than one rank and FSDP does not shard it.
+    DDP leaves the gradients of the parameters named in `unsynced` alone (compressed sync
+    averages them in the optimizer)."""
+    if ctx.world_size == 1 or isinstance(model, FSDPModule):
+        return model
+    DDP = torch.nn.parallel.DistributedDataParallel
+    DDP._set_params_and_buffers_to_ignore_for_model(model, list(unsynced))
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # Gradients as views of DDP's buckets, not a second fp32 copy of every gradient (4 GB at
+    # 1B); and no buffer broadcast before each forward: the rotary tables are the model's only
+    # buffers, computed alike on every rank.
+    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True, broadcast_buffers=False)
+
+
+def grad_sync(model, sync):
+    """A context for one micro-batch's backward: gradients are reduced only when `sync`, so
+    they sync once per optimizer step rather than once per micro-batch (DDP and FSDP).
+    `model` may be compiled: torch.compile's wrapper hides the module it compiled."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    elif not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()

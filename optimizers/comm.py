@@ -1,22 +1,10 @@
-"""The optimizers' distributed communication: process-group resolution, the collectives they
-use, and a counter of the bytes those collectives move."""
+"""The optimizers' distributed communication: the collectives they use, and a counter of the
+bytes those collectives move."""
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
 
 from optimizers.comm_plan import Traffic
-
-
-def process_group(mesh):
-    """The ProcessGroup of a 1-D DeviceMesh or a ProcessGroup (None stays None)."""
-    if mesh is None or not dist.is_initialized():
-        return None
-    if isinstance(mesh, DeviceMesh):
-        if mesh.ndim != 1:
-            raise ValueError(f"distributed_mesh must be 1-D, got a {mesh.ndim}-D mesh")
-        return mesh.get_group()
-    return mesh
 
 
 class Pending:

@@ -1,6 +1,6 @@
 """The sizes of the optimizers' collectives, as pure functions of shapes, blocks and rank
 counts. The optimizers size their exchanges and count their bytes with them, and
-training/layout_plan.py predicts a layout's traffic with the same functions, without running it.
+planning/layout_plan.py predicts a layout's traffic with the same functions, without running it.
 
 Bytes are counted per rank and per collective kind: received, what the rank's result holds
 that came from other ranks; sent, what it gives to them. An all-gather or all-reduce over W

@@ -6,10 +6,11 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from optimizers.comm import Communicator, process_group
+from optimizers.comm import Communicator
 from optimizers.comm_plan import low_rank
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices
-from optimizers.sharding import distinct_shards, is_block_sharded, local_block, local_tensor
+from parallel.process_group import mesh_group
+from parallel.sharding import distinct_shards, is_block_sharded, local_block, local_tensor
 
 
 def orthonormalize_columns(p, method):
@@ -85,7 +86,7 @@ class Dion(MatrixOptimizer):
             qr_method=qr_method,
             seed=seed,
         )
-        groups = [process_group(m) for m in (outer_shard_mesh, inner_shard_mesh)]
+        groups = [mesh_group(m) for m in (outer_shard_mesh, inner_shard_mesh)]
         self.shard_comms = [Communicator(g) for g in groups if g is not None]
         super().__init__(params, defaults, replicate_mesh=replicate_mesh, compile=compile)
         self.compressed = self.replicas is not None and replicate_mesh_grad_sync

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from optimizers.hyperparameters import check_compressed_sync
 from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, row_blocks
-from optimizers.sharding import Block, per_matrix_zeros
+from parallel.sharding import Block, per_matrix_zeros
 
 
 def num_selected(fraction, slices):

@@ -20,11 +20,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from optimizers.base import BaseOptimizer
-from optimizers.comm import Communicator, process_group
+from optimizers.comm import Communicator
 from optimizers.comm_plan import exchange_sizes, replica_assignment, replica_sizes, replicated_share
 from optimizers.compiled import run_compiled
 from optimizers.newton_schulz import newton_schulz
-from optimizers.sharding import (
+from parallel.process_group import mesh_group
+from parallel.sharding import (
     Block,
     block_rows,
     first_matrix,
@@ -173,10 +174,10 @@ class MatrixOptimizer(BaseOptimizer):
         self._warned_no_kernels = False
         self.compile = compile
         self._scalars = {}
-        group = process_group(distributed_mesh)
+        group = mesh_group(distributed_mesh)
         self.comm = Communicator(group) if group is not None else None
         # The data-parallel replicas of sharded matrices (HSDP's dp): they split the work.
-        replicas = process_group(replicate_mesh)
+        replicas = mesh_group(replicate_mesh)
         self.replicas = Communicator(replicas) if replicas is not None else None
         for group in self.param_groups:
             if group["algorithm"] != self.algorithm_name():

@@ -5,7 +5,7 @@ import torch
 
 from optimizers.dion2 import Dion2
 from optimizers.normuon import normalize_rows
-from optimizers.sharding import per_matrix_zeros
+from parallel.sharding import per_matrix_zeros
 
 
 class NorDion2(Dion2):

@@ -4,7 +4,7 @@ import torch
 
 from optimizers.matrix_optimizer import as_matrices
 from optimizers.muon import Muon
-from optimizers.sharding import per_matrix_zeros
+from parallel.sharding import per_matrix_zeros
 
 
 def normalize_rows(moment, squares, width, beta2, eps):

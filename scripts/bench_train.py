@@ -13,7 +13,7 @@ the config's mode when it is not given), runs in a fresh process: `--warmup` ste
 happens there), then `--steps` timed training steps of the config on random tokens (or, with
 `--data shards`, the config's `data_dir` through the loader), in one process on one device.
 The model is built and each step taken by the very functions that train.py calls
-(training/model_setup.py, training/step.py): every micro-batch's forward and backward, then
+(training/run_setup.py): every micro-batch's forward and backward, then
 the gradient clipping, the ranks' agreement on the loss, and optimizer.step().
 Any other `--key value` is a config override, as for train.py.
 
@@ -27,7 +27,6 @@ the median plain step, spread over the steps between two measured ones.
 """
 
 import argparse
-import itertools
 import multiprocessing
 import resource
 import statistics
@@ -36,18 +35,14 @@ import time
 
 import torch
 
-from data.loader import TokenLoader, find_shards
-from data.tokenizer import TOKENIZERS
 from models.flops import training_flops
+from parallel.layout import Layout
+from parallel.process_group import init_distributed
 from scripts.timing import synchronize
 from training.config import CHOICES, ConfigError, load_config_for
 from training.diagnostics import Diagnostics
-from training.distributed import init_distributed
-from training.mesh import Layout
-from training.model_setup import build_model
-from training.param_groups import ParamGroupError, build_optimizer, build_param_groups
-from training.precision import bf16_autocast
-from training.step import accumulate_gradients, apply_gradients
+from training.param_groups import ParamGroupError
+from training.run_setup import DATA_SOURCES, build_run
 
 # Dense bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets. The first name that
 # appears in torch.cuda.get_device_name() wins, so the more specific names come first.
@@ -75,35 +70,14 @@ def peak_tflops(device, override):
 
 
 def measure(argv, optimizer, steps, warmup, peak_override, data="random"):
-    """Run warmup + timed steps of one optimizer on `data` ("random" tokens made on the
-    device, or the config's "shards" through the loader); return its measurements."""
+    """Run warmup + timed steps of one optimizer on `data` (one of DATA_SOURCES: "random"
+    tokens made on the device, or the config's "shards" through the loader); return its
+    measurements."""
     cfg = load_config_for(argv, optimizer)
     ctx = init_distributed(cfg.device, cfg.timeout)
     device = ctx.device
-    model, forward = build_model(cfg, Layout(), None, ctx)
-    opt = build_optimizer(build_param_groups(model, cfg), cfg)
-    autocast = bf16_autocast(cfg.precision, device)
-    micro_steps = cfg.batch_size // cfg.device_batch_size
-    vocab = TOKENIZERS[cfg.tokenizer].vocab_size
-    if data == "shards":
-        paths = find_shards(cfg.data_dir, "train")
-        next_batch = TokenLoader(
-            paths, cfg.device_batch_size, cfg.sequence_length, 0, 1, device, vocab
-        ).next_batch
-    else:
-        generator = torch.Generator(device).manual_seed(cfg.seed)
-        shape = (cfg.device_batch_size, cfg.sequence_length + 1)
-        batches = itertools.cycle(
-            [
-                torch.randint(0, vocab, shape, device=device, generator=generator)
-                for _ in range(min(micro_steps, 4))
-            ]
-        )
-
-        def next_batch():
-            tokens = next(batches)
-            return tokens[:, :-1], tokens[:, 1:]
-
+    run = build_run(cfg, Layout(), ctx, data)
+    model, opt = run.model, run.optimizer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     diagnostics = Diagnostics(model, opt, cfg.diagnostics_every)
@@ -112,12 +86,12 @@ def measure(argv, optimizer, steps, warmup, peak_override, data="random"):
         measured = diagnostics.due(step + 1, False)
         synchronize(device)
         start = time.perf_counter()
-        train_loss = accumulate_gradients(forward, next_batch, micro_steps, autocast)
+        train_loss = run.accumulate()
         if measured:
             diagnostics.before_step()
         synchronize(device)
         optimizer_start = time.perf_counter()
-        outcome = apply_gradients(model, opt, train_loss, 1.0, cfg.grad_clip, False, ctx.world_size)
+        outcome = run.apply(train_loss, 1.0)
         if measured:
             diagnostics.after_step()
         synchronize(device)
@@ -195,7 +169,7 @@ def parse_args(argv):
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak, for MFU")
     parser.add_argument(
         "--data",
-        choices=("random", "shards"),
+        choices=DATA_SOURCES,
         default="random",
         help="random tokens made on the device, or the config's data_dir through the loader",
     )

@@ -27,10 +27,10 @@ import torch
 
 from data.tokenizer import TOKENIZERS
 from models.gpt_model import GPT
+from parallel.process_group import DeviceError, pick_device
 from scripts.run_records import evaluation_path
 from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_model
 from training.config import KEYS, PRECISIONS, ConfigError, TrainConfig
-from training.distributed import pick_device
 from training.model_setup import gpt_config
 from training.precision import bf16_autocast
 
@@ -188,5 +188,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (EvaluationError, CheckpointError, ConfigError) as e:
+    except (EvaluationError, CheckpointError, ConfigError, DeviceError) as e:
         sys.exit(f"error: {e}")

@@ -8,17 +8,15 @@ import sys
 
 import torch
 
-from data.tokenizer import TOKENIZERS
 from models.flops import training_flops
-from models.gpt_model import GPT, GPTConfig
+from models.gpt_model import GPT
 from training.config import ConfigError, load_config
+from training.model_setup import gpt_config
 
 
 def split_table(cfg):
     """The markdown table of the FLOPs split and of the parameters of the model of `cfg`."""
-    shape = GPTConfig(
-        cfg.model_dim, cfg.n_layer, cfg.n_head, cfg.sequence_length, TOKENIZERS[cfg.tokenizer].vocab_size
-    )
+    shape = gpt_config(cfg)
     with torch.device("meta"):
         model = GPT(shape)
     flops = training_flops(model)

@@ -168,38 +168,24 @@ def check_triton_bf16_timing(device):
     return {"detail": "; ".join(parts), "triton/pytorch": f"{min(ratios):.2f}-{max(ratios):.2f}x"}
 
 
-def training_parts(argv, optimizer="muon"):
-    """(cfg, model, forward, optimizer, next_batch, autocast) of a one-process run on random tokens."""
+def training_run(argv, optimizer="muon"):
+    """The Run (training/run_setup.py) of a one-process run of `argv` on random tokens."""
+    from parallel.layout import Layout
+    from parallel.process_group import init_distributed
     from training.config import load_config_for
-    from training.distributed import init_distributed
-    from training.mesh import Layout
-    from training.model_setup import build_model
-    from training.param_groups import build_optimizer, build_param_groups
-    from training.precision import bf16_autocast
+    from training.run_setup import build_run
 
     cfg = load_config_for([*argv, "--run_name", "gpu_check"], optimizer)
-    ctx = init_distributed(cfg.device, cfg.timeout)
-    model, forward = build_model(cfg, Layout(), None, ctx)
-    opt = build_optimizer(build_param_groups(model, cfg), cfg)
-    # Drawn on the device of the generator: a CUDA generator with CPU draws is an error.
-    generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
-    shape = (cfg.device_batch_size, cfg.sequence_length + 1)
-    tokens = torch.randint(0, 50257, shape, device=ctx.device, generator=generator)
-    autocast = bf16_autocast(cfg.precision, ctx.device)
-    return cfg, model, forward, opt, lambda: (tokens[:, :-1], tokens[:, 1:]), autocast
+    return build_run(cfg, Layout(), init_distributed(cfg.device, cfg.timeout), data="random")
 
 
-def train_losses(parts, steps):
-    """The train losses of `steps` steps of training_parts' run."""
-    from training.step import accumulate_gradients, apply_gradients
-
-    cfg, model, forward, opt, next_batch, autocast = parts
-    accum_steps = cfg.batch_size // cfg.device_batch_size
+def train_losses(run, steps):
+    """The train losses of `steps` steps of a Run."""
     losses = []
     for step in range(steps):
-        loss = accumulate_gradients(forward, next_batch, accum_steps, autocast)
+        loss = run.accumulate()
         lr_scale = 1 - step / (2 * steps)  # a changing lr, as the schedule gives
-        losses.append(apply_gradients(model, opt, loss, lr_scale, cfg.grad_clip, False, 1).train_loss)
+        losses.append(run.apply(loss, lr_scale).train_loss)
     return losses
 
 
@@ -215,9 +201,9 @@ def check_bf16_autocast(device):
     """20 steps in bf16 against fp32: finite, close, the residual stream and rotary tables fp32."""
     losses = {}
     for precision in ("fp32", "bf16"):
-        parts = training_parts([*SMALL, "--device", str(device), "--precision", precision])
-        seen = residual_dtypes(parts[1])
-        losses[precision] = train_losses(parts, 20)
+        run = training_run([*SMALL, "--device", str(device), "--precision", precision])
+        seen = residual_dtypes(run.model)
+        losses[precision] = train_losses(run, 20)
     assert set(seen) == {(torch.float32, torch.float32)}, f"block inputs {set(seen)}"
     gap = max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"], strict=True))
     assert all(map(math.isfinite, losses["bf16"])) and losses["bf16"][-1] < losses["bf16"][0]
@@ -227,6 +213,8 @@ def check_bf16_autocast(device):
 
 def check_fsdp_mixed_precision(device):
     """FSDP on one rank with bf16 parameters against autocast alone: the same losses."""
+    import dataclasses
+
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -234,19 +222,20 @@ def check_fsdp_mixed_precision(device):
     from models.parallelize import apply_fsdp
     from training.param_groups import build_optimizer, build_param_groups
 
-    parts = training_parts([*SMALL, "--device", str(device), "--precision", "bf16"], "adamw")
-    cfg, model, _, _, next_batch, autocast = parts
-    plain = train_losses(parts, 5)
+    run = training_run([*SMALL, "--device", str(device), "--precision", "bf16"], "adamw")
+    cfg = run.cfg
+    plain = train_losses(run, 5)
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with torch.device("meta"):
-            sharded = GPT(model.config)
+            sharded = GPT(run.model.config)
         apply_fsdp(sharded, init_device_mesh("cuda", (1,)), bf16_compute=True)
         sharded.to_empty(device=device)
         sharded.init_weights(cfg.seed)
         seen = residual_dtypes(sharded)
         opt = build_optimizer(build_param_groups(sharded, cfg), cfg)
-        fsdp = train_losses((cfg, sharded, sharded, opt, next_batch, autocast), 5)
+        # The same batch (the run's one micro-batch), autocast and clipping, on the FSDP model.
+        fsdp = train_losses(dataclasses.replace(run, model=sharded, forward=sharded, optimizer=opt), 5)
     finally:
         dist.destroy_process_group()
     assert set(seen) == {(torch.float32, torch.float32)}, f"block inputs {set(seen)}"
@@ -280,10 +269,10 @@ def check_compile(device):
 
     details = []
     for optimizer in ("muon", "dion2"):
-        parts = training_parts([*SMALL, "--device", str(device), "--compile", "true"], optimizer)
-        first = train_losses(parts, 1)
+        run = training_run([*SMALL, "--device", str(device), "--compile", "true"], optimizer)
+        first = train_losses(run, 1)
         compiled = counters["stats"]["unique_graphs"]
-        later = train_losses(parts, 3)
+        later = train_losses(run, 3)
         recompiled = counters["stats"]["unique_graphs"] - compiled
         assert recompiled == 0, f"{optimizer}: {recompiled} graphs compiled after the first step"
         assert all(map(math.isfinite, first + later))
@@ -316,11 +305,10 @@ def check_no_host_sync(device):
         variants[f"{name} compiled"] = [name, "--compile", "true"]
         variants[f"{name} triton"] = [name, "--use_triton", "true"]
     for name, (optimizer, *options) in variants.items():
-        parts = training_parts([*SMALL, "--device", str(device), *options], optimizer)
-        cfg, model, forward, opt, next_batch, autocast = parts
-        train_losses(parts, 2)  # state made, caches warm, compiled
-        with autocast:
-            forward(*next_batch()).backward()
+        run = training_run([*SMALL, "--device", str(device), *options], optimizer)
+        model, opt = run.model, run.optimizer
+        train_losses(run, 2)  # state made, caches warm, compiled
+        run.accumulate()
 
         def clip_and_step(model=model, opt=opt):
             norm = clip_grad_norm(model.parameters(), 1.0)

@@ -10,7 +10,7 @@ model of the table below; `--config` any config (its batch and optimizer setting
 `--fraction` is Dion2's and NorDion2's `ortho_fraction` (Dion's rank fraction); each optimizer
 that reads it gets a row per fraction.
 
-The bytes, FLOPs and memory are those of one rank (`--rank`), from training/layout_plan.py:
+The bytes, FLOPs and memory are those of one rank (`--rank`), from planning/layout_plan.py:
 the optimizers' own sizing functions walked over the layout's blocks, checked by the tests
 against the bytes the optimizers count under torchrun. A global Dion2 selection is taken to
 fall as a local one would. The step time is an estimate from named assumptions, printed with
@@ -35,10 +35,11 @@ from models.flops import training_flops
 from models.gpt_model import GPT
 from optimizers.comm_plan import KINDS
 from optimizers.registry import reads
+from parallel.layout import LayoutError
+from planning.layout_plan import MEMORY, PlanError, local_numel, plan_rank
 from training.config import CHOICES, ConfigError, load_config_for
-from training.layout_plan import MEMORY, PlanError, groups_of, local_numel, plan_rank
-from training.mesh import mesh_sizes
 from training.model_setup import gpt_config
+from training.run_setup import layout_of
 
 # Models by size: the paper's 1B (configs/paper/1b.yaml), and an 8B of our GPT's shape.
 PRESETS = {
@@ -69,6 +70,12 @@ def parse_args(argv):
     parser.add_argument("--fraction", default=None, help="comma-separated ortho_fraction values")
     parser.add_argument("--selection_scope", choices=("local", "global"), default=None)
     parser.add_argument("--rank", type=int, default=0, help="the rank whose step is planned")
+    parser.add_argument(
+        "--device_batch_size",
+        type=int,
+        default=None,
+        help="sequences per micro-batch (default: the config's); the batch must split over dp x fs x it",
+    )
     parser.add_argument("--ns_dtype", choices=("bf16", "fp32"), default="bf16", help="Newton-Schulz's dtype")
     parser.add_argument("--device", choices=DEVICES, default="h100", help="the assumed device figures")
     parser.add_argument("--gpus_per_node", type=int, default=8)
@@ -112,6 +119,8 @@ def configs(args):
     base = PRESETS[args.params] if args.params else ["--config", args.config]
     dp, fs, tp = args.sizes
     base = [*base, "--dp_size", str(dp), "--fs_size", str(fs), "--tp_size", str(tp)]
+    if args.device_batch_size is not None:
+        base += ["--device_batch_size", str(args.device_batch_size)]
     fractions = args.fraction.split(",") if args.fraction else [None]
     out = []
     for name in args.optimizers:
@@ -142,7 +151,7 @@ def model_traffic_seconds(cfg, model, layout, rank, args):
     """The model's own traffic per step, by formula: DDP's all-reduce of fp32 gradients, FSDP's
     all-gathers of bf16 weights (forward and backward) and reduce-scatter of fp32 gradients,
     TP's all-reduces of bf16 activations (two per block in the forward, two in the backward)."""
-    groups = groups_of(layout, rank)
+    groups = layout.groups(rank)
     local = sum(local_numel(n, tuple(p.shape), layout, rank) for n, p in model.named_parameters())
     seconds = 0.0
     if layout.sharded:
@@ -167,7 +176,7 @@ def estimate(cfg, layout, rank, plan, args):
         model = GPT(gpt_config(cfg))
     flops = sum(training_flops(model).values()) * cfg.batch_size * cfg.sequence_length / layout.world_size
     peak = args.figures["peak_tflops"] * 1e12
-    groups = groups_of(layout, rank)
+    groups = layout.groups(rank)
     optimizer = sum(
         collective_seconds(kind, world, received, sent, link_gbps(groups[group], args))
         for kind, group, world, received, sent in plan.traffic.calls
@@ -214,7 +223,7 @@ def main(argv=None):
     """Command-line entry point."""
     args = parse_args(argv)
     planned = configs(args)
-    layout = mesh_sizes(planned[0][1], args.world)
+    layout = layout_of(planned[0][1], args.world)
     rows = []
     for label, cfg in planned:
         plan = plan_rank(cfg, layout, args.rank, torch.bfloat16 if args.ns_dtype == "bf16" else torch.float32)
@@ -245,5 +254,5 @@ def write_report(path, text, argv):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, PlanError) as e:
+    except (ConfigError, LayoutError, PlanError) as e:
         sys.exit(f"error: {e}")

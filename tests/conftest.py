@@ -13,7 +13,7 @@ import torch.distributed as dist
 import yaml
 
 from data.shards import write_shard
-from training.distributed import leave_process_group
+from parallel.process_group import leave_process_group
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")

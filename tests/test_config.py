@@ -174,9 +174,9 @@ def test_exponent_numbers_stay_errors_for_int_keys_and_text_for_str_keys(yaml_fi
 
 @pytest.mark.parametrize(("device", "message"), [("tpu:0", "device must be auto, cpu"), ("cuda:0", "CUDA")])
 def test_bad_device(device, message):
-    from training.distributed import pick_device
+    from parallel.process_group import DeviceError, pick_device
 
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(DeviceError, match=message):
         pick_device(device)

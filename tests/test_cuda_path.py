@@ -11,16 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from data.loader import TokenLoader, find_shards
+from parallel.process_group import DeviceError, DistContext, init_distributed
 from tests.conftest import gloo, train_argv
 from training.checkpoint import rng_state, set_rng_state
-from training.config import ConfigError, load_config
-from training.distributed import DistContext, init_distributed
-from training.mesh import build_mesh, data_rank, mesh_sizes, optimizer_meshes
-from training.model_setup import build_model
-from training.param_groups import build_optimizer, build_param_groups
-from training.precision import bf16_autocast
-from training.step import accumulate_gradients, apply_gradients
+from training.config import load_config
+from training.run_setup import build_run, layout_of
 
 
 class CountCollectives(TorchDispatchMode):
@@ -42,31 +37,15 @@ def train_layout(rank, world_size, init_file, out_dir, name, flags, steps, compi
     gradient reductions of each step's micro-batches."""
     with gloo(rank, world_size, init_file):
         cfg = load_config(train_argv(out_dir, name, **flags))
-        layout = mesh_sizes(cfg, world_size)
-        ctx = DistContext(rank, world_size, torch.device("cpu"))
-        mesh = build_mesh(layout, "cpu")
-        model, forward = build_model(cfg, layout, mesh, ctx)
+        run = build_run(cfg, layout_of(cfg, world_size), DistContext(rank, world_size, torch.device("cpu")))
         if compiled:  # what compile: true does, with a backend that compiles in no time
-            forward = torch.compile(forward, backend="eager")
-        optimizer = build_optimizer(build_param_groups(model, cfg), cfg, optimizer_meshes(mesh, ctx))
-        batch_rank, batch_ranks = data_rank(mesh, ctx)
-        loader = TokenLoader(
-            find_shards(cfg.data_dir, "train"),
-            cfg.device_batch_size,
-            cfg.sequence_length,
-            batch_rank,
-            batch_ranks,
-            ctx.device,
-        )
-        accum_steps = cfg.batch_size // (cfg.device_batch_size * batch_ranks)
-        autocast = bf16_autocast(cfg.precision, ctx.device)
+            run.forward = torch.compile(run.forward, backend="eager")
         losses, counts = [], []
         for _ in range(steps):
             with CountCollectives("allreduce", "reduce_scatter") as reduced:
-                loss = accumulate_gradients(forward, loader.next_batch, accum_steps, autocast)
+                loss = run.accumulate()
             counts.append(reduced.count)
-            outcome = apply_gradients(model, optimizer, loss, 1.0, cfg.grad_clip, False, world_size)
-            losses.append(outcome.train_loss)
+            losses.append(run.apply(loss, 1.0).train_loss)
         if rank == 0:
             torch.save({"losses": losses, "reductions": counts}, f"{out_dir}/{name}.pt")
 
@@ -175,7 +154,7 @@ def test_a_device_the_rank_cannot_have_is_one_line_before_any_work(
     gpus, monkeypatch, device, local_rank, message
 ):
     under_torchrun(monkeypatch, local_rank)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(DeviceError, match=message):
         init_distributed(device, 600)
     assert gpus == []  # no device set, no process group started
 

@@ -7,19 +7,19 @@ import math
 import pytest
 import torch
 
-from models.gpt_model import GPT, GPTConfig
 from optimizers.newton_schulz import newton_schulz
+from parallel.layout import Layout
+from parallel.process_group import DistContext
 from training.config import load_config
 from training.diagnostics import Diagnostics
-from training.param_groups import build_optimizer, build_param_groups
+from training.run_setup import build_run
 
 
 def setup(optimizer):
-    model = GPT(GPTConfig(model_dim=64, n_layer=2, n_head=4, sequence_length=16, vocab_size=256))
-    model.init_weights(0)
-    cfg = load_config(["--model_dim", "64", "--n_layer", "2", "--n_head", "4", "--optimizer", optimizer])
-    opt = build_optimizer(build_param_groups(model, cfg), cfg)
-    return model, opt
+    shape = ["--model_dim", "64", "--n_layer", "2", "--n_head", "4", "--sequence_length", "16"]
+    cfg = load_config([*shape, "--tokenizer", "bytes", "--optimizer", optimizer])
+    run = build_run(cfg, Layout(), DistContext(0, 1, torch.device("cpu")), data="random")
+    return run.model, run.optimizer
 
 
 def gradients(model, seed):

@@ -10,17 +10,15 @@ import time
 import pytest
 import torch
 
+from parallel.layout import Layout
+from parallel.process_group import init_distributed
 from tests.conftest import REPO, TORCHRUN_ENV, run_train, torchrun, torchrun_command, train_argv
 from tests.test_train import compared, run_cli
 from training.checkpoint import list_checkpoints
 from training.config import load_config
-from training.distributed import init_distributed
 from training.exit_codes import ExitCode
-from training.mesh import Layout
-from training.model_setup import build_model
-from training.param_groups import build_optimizer, build_param_groups
-from training.precision import bf16_autocast
-from training.step import NonFiniteError, accumulate_gradients, apply_gradients
+from training.run_setup import Run, build_run
+from training.step import NonFiniteError
 
 
 def strict_records(run_dir):
@@ -66,19 +64,18 @@ def test_an_exploding_run_stops_at_its_first_nonfinite_step(tmp_path):
 
 
 def poison_gradients(monkeypatch, at_calls):
-    """Make the gradient of the first parameter NaN after the given calls of accumulate_gradients."""
-    import train
-
+    """Make the gradient of the first parameter NaN after the given calls of Run.accumulate."""
     calls = []
+    accumulate = Run.accumulate
 
-    def poisoned(forward, *args):
-        loss = accumulate_gradients(forward, *args)
+    def poisoned(run):
+        loss = accumulate(run)
         calls.append(1)
         if len(calls) in at_calls:
-            next(forward.parameters()).grad.view(-1)[0] = float("nan")
+            next(run.model.parameters()).grad.view(-1)[0] = float("nan")
         return loss
 
-    monkeypatch.setattr(train, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(Run, "accumulate", poisoned)
 
 
 def test_a_bad_gradient_is_skipped_when_allowed_and_stops_the_run_when_not(tmp_path, monkeypatch):
@@ -96,26 +93,17 @@ def test_a_bad_gradient_is_skipped_when_allowed_and_stops_the_run_when_not(tmp_p
 
 
 def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched():
-    cfg = load_config(train_argv("unused", "unused", optimizer="dion2", lr=0.02))
-    ctx = init_distributed(cfg.device, cfg.timeout)
-    model, forward = build_model(cfg, Layout(), None, ctx)
-    optimizer = build_optimizer(build_param_groups(model, cfg), cfg)
-    gen = torch.Generator().manual_seed(0)
-
-    def next_batch():
-        tokens = torch.randint(0, 50257, (cfg.device_batch_size, cfg.sequence_length + 1), generator=gen)
-        return tokens[:, :-1], tokens[:, 1:]
-
-    autocast = bf16_autocast(cfg.precision, ctx.device)
-    loss = accumulate_gradients(forward, next_batch, 2, autocast)
-    assert not apply_gradients(model, optimizer, loss, 1.0, 0.0, False, 1).nonfinite  # a real step
+    cfg = load_config(train_argv("unused", "unused", optimizer="dion2", lr=0.02, grad_clip=0))
+    run = build_run(cfg, Layout(), init_distributed(cfg.device, cfg.timeout), data="random")
+    model, optimizer = run.model, run.optimizer
+    assert not run.apply(run.accumulate(), 1.0).nonfinite  # a real step
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     state = {
         p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in optimizer.state.items()
     }
-    loss = accumulate_gradients(forward, next_batch, 2, autocast)
+    loss = run.accumulate()
     model.lm_head.weight.grad[0, 0] = float("inf")
-    outcome = apply_gradients(model, optimizer, loss, 1.0, 0.0, False, 1)
+    outcome = run.apply(loss, 1.0)
     assert outcome.nonfinite == ["grad_norm"] and outcome.grad_norm == float("inf")
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     for p, saved in state.items():

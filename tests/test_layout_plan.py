@@ -1,4 +1,4 @@
-"""training/layout_plan.py against the optimizers: on every layout at 2 to 4 gloo ranks, the
+"""planning/layout_plan.py against the optimizers: on every layout at 2 to 4 gloo ranks, the
 planned bytes of each rank equal the `comm_bytes` its optimizer measured, exactly; and the
 planned memory equals the optimizer's state in one process."""
 
@@ -11,16 +11,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from models.parallelize import tp_loss_context
 from optimizers.dion2 import selected_runs_global
+from parallel.layout import Layout
+from parallel.process_group import DistContext
+from planning.layout_plan import block_of, plan_rank
 from tests.conftest import REPO, TINY, gloo, torchrun, train_argv
 from training.config import load_config
-from training.distributed import DistContext
-from training.layout_plan import block_of, groups_of, plan_rank
-from training.mesh import Layout, build_mesh, optimizer_meshes
 from training.metrics import read_metrics
-from training.model_setup import build_model
-from training.param_groups import build_optimizer, build_param_groups
+from training.run_setup import build_run
 
 SHAPE = {**TINY, "model_dim": 64, "n_layer": 2, "n_head": 4, "lr": 0.02, "scalar_lr": 0.01}
 OPTIMIZERS = {
@@ -55,6 +53,7 @@ LAYOUTS = {
 def config(layout, options):
     """The tiny config of an optimizer case on `layout`."""
     values = {**SHAPE, **options, "dp_size": layout.dp, "fs_size": layout.fs, "tp_size": layout.tp}
+    values |= {"batch_size": 2 * layout.dp * layout.fs, "device_batch_size": 2}  # one micro-batch
     if options["optimizer"] != "dion":
         values["ns_dtype"] = "fp32"
     return load_config([item for k, v in values.items() for item in (f"--{k}", str(v))])
@@ -68,7 +67,7 @@ def selection_runs(layout, optimizer, model, rank):
         chosen = (optimizer.state[p]["last_selected"] == 1).nonzero()[:, 1].unsqueeze(0)
         shape = tuple(p.shape)
         rows = type(optimizer).selects_rows(*shape)
-        span = [block_of(name, shape, layout, r) for r in groups_of(layout, rank)["distributed"]]
+        span = [block_of(name, shape, layout, r) for r in layout.groups(rank)["distributed"]]
         runs[name] = selected_runs_global([chosen], [[b if rows else b.transposed() for b in span]])[0]
     return runs
 
@@ -76,17 +75,13 @@ def selection_runs(layout, optimizer, model, rank):
 def measure(layout, rank, world_size):
     """{case: (measured bytes of the first step, planned bytes)} on this rank."""
     ctx = DistContext(rank, world_size, torch.device("cpu"))
-    mesh = build_mesh(layout, "cpu")
     results = {}
     cases = {**OPTIMIZERS, **(COMPRESSED if layout.dp > 1 else {})}
     for case, options in cases.items():
         cfg = config(layout, options)
-        model, forward = build_model(cfg, layout, mesh, ctx)
-        optimizer = build_optimizer(build_param_groups(model, cfg), cfg, optimizer_meshes(mesh, ctx))
-        generator = torch.Generator().manual_seed(rank)
-        tokens = torch.randint(0, 256, (2, cfg.sequence_length + 1), generator=generator)
-        with tp_loss_context(layout.tp_enabled):
-            forward(tokens[:, :-1], tokens[:, 1:]).backward()
+        run = build_run(cfg, layout, ctx, data="random")
+        model, optimizer = run.model, run.optimizer
+        run.accumulate()
         optimizer.step()
         measured = optimizer.comm_bytes()
         runs = selection_runs(layout, optimizer, model, rank) if "global" in case else None
@@ -132,8 +127,8 @@ def test_train_py_under_torchrun_logs_the_planned_bytes(tmp_path):
 @pytest.mark.parametrize("case", list(OPTIMIZERS))
 def test_planned_memory_equals_the_optimizers_state_in_one_process(case):
     cfg = config(Layout(), OPTIMIZERS[case])
-    model, _ = build_model(cfg, Layout(), None, DistContext(0, 1, torch.device("cpu")))
-    optimizer = build_optimizer(build_param_groups(model, cfg), cfg)
+    run = build_run(cfg, Layout(), DistContext(0, 1, torch.device("cpu")), data="random")
+    model, optimizer = run.model, run.optimizer
     plan = plan_rank(cfg, Layout())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())

@@ -4,14 +4,16 @@ import json
 
 import pytest
 
+from parallel.layout import Layout, LayoutError
 from tests.conftest import torchrun
 from tests.test_train import run_cli
 from training.config import ConfigError, load_config
-from training.mesh import Layout, mesh_sizes
+from training.run_setup import layout_of
 
 
 def sizes(world, *argv):
-    return mesh_sizes(load_config(["--n_head", "6", "--model_dim", "768", *argv]), world)
+    shape = ["--n_head", "6", "--model_dim", "768", "--batch_size", "96", "--device_batch_size", "4"]
+    return layout_of(load_config([*shape, *argv]), world)
 
 
 def test_no_sizes_means_data_parallel_on_all_ranks():
@@ -41,11 +43,34 @@ def test_unset_sizes_are_one():
             r"tp_size 5 must divide the padded vocabulary",
         ),
         (2, ["--dp_size", "0", "--fs_size", "2"], r"dp_size must be >= 1, got 0"),
+        # The bytes tokenizer's 256 ids: it was checked against GPT-2's 50304, which 3 divides.
+        (
+            3,
+            ["--tp_size", "3", "--tokenizer", "bytes"],
+            r"tp_size 3 must divide the padded vocabulary \(256\)",
+        ),
     ],
 )
 def test_bad_layouts(world, argv, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(LayoutError, match=message):
         sizes(world, *argv)
+
+
+def test_a_batch_that_does_not_split_over_the_data_ranks_is_refused():
+    with pytest.raises(ConfigError, match=r"batch_size 96 must be a multiple of device_batch_size 8 x .* 8"):
+        sizes(8, "--device_batch_size", "8")
+
+
+def test_rank_coordinates_follow_the_device_mesh():
+    # init_device_mesh numbers ranks row-major over (dp, fs, tp): the planner's groups and the
+    # data split read the same coordinates.
+    layout = Layout(dp=2, fs=3, tp=2)
+    ranks = [[layout.global_rank(d, f, t) for t in range(2)] for d in range(2) for f in range(3)]
+    assert ranks == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert [layout.coordinates(r) for r in (0, 5, 11)] == [(0, 0, 0), (0, 2, 1), (1, 2, 1)]
+    assert [layout.data_rank(r) for r in (0, 1, 2, 7)] == [(0, 6), (0, 6), (1, 6), (3, 6)]
+    groups = {"distributed": [6, 7, 8, 9, 10, 11], "dp": [1, 7], "fs": [7, 9, 11], "tp": [6, 7]}
+    assert layout.groups(7) == groups
 
 
 @pytest.mark.slow

@@ -8,12 +8,12 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from models.gpt_model import GPT, GPTConfig
-from models.parallelize import sync_tp_partial_grads, tp_loss_context
+from models.parallelize import sync_tp_partial_grads, tp_loss_context, wrap_model
+from parallel.layout import Layout
+from parallel.process_group import DistContext
 from tests.conftest import gloo, train_argv
 from training.config import load_config
-from training.distributed import DistContext, wrap_model
-from training.mesh import Layout, build_mesh, mesh_sizes
-from training.model_setup import build_model
+from training.run_setup import build_run, layout_of
 
 
 def set_weights(model):
@@ -30,21 +30,21 @@ def set_weights(model):
             (p.to_local() if isinstance(p, DTensor) else p).copy_(full)
 
 
-def loss_and_grads(cfg, layout, mesh, ctx):
+def loss_and_grads(cfg, layout, ctx):
     """One forward and backward on a fixed batch: the loss, each parameter's whole gradient,
     and the shape of this rank's logits."""
-    model, forward = build_model(cfg, layout, mesh, ctx)
+    run = build_run(cfg, layout, ctx, data="random")
+    model, forward = run.model, run.forward
     set_weights(model)
     logits = []
     model.lm_head.register_forward_hook(
         lambda _, args, out: logits.append(tuple((out.to_local() if isinstance(out, DTensor) else out).shape))
     )
-    tokens = torch.randint(0, 50257, (cfg.device_batch_size, cfg.sequence_length + 1))
     with tp_loss_context(layout.tp_enabled):
-        loss = forward(tokens[:, :-1], tokens[:, 1:])
+        loss = forward(*run.train_data.next_batch())  # the same batch on every TP rank
         loss.backward()
     if layout.tp_enabled:
-        sync_tp_partial_grads(model, mesh["tp"])
+        sync_tp_partial_grads(model, run.tp_mesh)
     grads = {
         n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         for n, p in model.named_parameters()
@@ -56,9 +56,8 @@ def tp_worker(rank, world_size, init_file, out_dir):
     with gloo(rank, world_size, init_file):
         torch.manual_seed(0)
         cfg = load_config(train_argv(out_dir, "tp", tp_size=2))
-        layout = mesh_sizes(cfg, world_size)
         result = loss_and_grads(
-            cfg, layout, build_mesh(layout, "cpu"), DistContext(rank, world_size, torch.device("cpu"))
+            cfg, layout_of(cfg, world_size), DistContext(rank, world_size, torch.device("cpu"))
         )
         torch.save(result, f"{out_dir}/tp_{rank}.pt")
 
@@ -68,7 +67,7 @@ def test_tp_loss_on_split_logits_equals_one_process(tmp_path):
     mp.spawn(tp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     torch.manual_seed(0)
     cfg = load_config(train_argv(tmp_path, "one"))
-    loss, grads, logits = loss_and_grads(cfg, Layout(), None, DistContext(0, 1, torch.device("cpu")))
+    loss, grads, logits = loss_and_grads(cfg, Layout(), DistContext(0, 1, torch.device("cpu")))
     vocab = logits[-1]
     for rank in range(2):
         tp_loss, tp_grads, tp_logits = torch.load(tmp_path / f"tp_{rank}.pt")

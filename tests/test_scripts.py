@@ -198,8 +198,8 @@ def test_gpu_check_trains_without_tiktoken():
     # on an image with torch and nothing else; only GPT-2's text needs it.
     run = with_hidden(
         ("tiktoken", "tiktoken_ext", "tiktoken.load"),
-        "from scripts.gpu_check import SMALL, train_losses, training_parts\n"
-        "print(train_losses(training_parts([*SMALL, '--device', 'cpu', '--n_layer', '1']), 2))",
+        "from scripts.gpu_check import SMALL, train_losses, training_run\n"
+        "print(train_losses(training_run([*SMALL, '--device', 'cpu', '--n_layer', '1']), 2))",
     )
     assert run.returncode == 0, run.stderr
     assert len(eval(run.stdout)) == 2

@@ -24,12 +24,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from training.config import KEYS
+
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 META = "meta.json"
 MANIFEST = "manifest.json"
 # Checkpoints written before meta.json: their meta.pt holds NumPy arrays among plain values.
 LEGACY_META = "meta.pt"
 LEGACY_NUMPY_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+
+
+# Keys that shape the weights or the optimizer state: a checkpoint only resumes into the same values.
+RESUME_KEYS = ("tokenizer", "model_dim", "n_layer", "n_head", "sequence_length", "optimizer", "scalar_opt")
 
 
 class CheckpointError(ValueError):
@@ -262,6 +268,18 @@ def _load(path, state):
         raise CheckpointError(
             f"checkpoint {path} cannot be read: {getattr(first, 'exception', first)}"
         ) from None
+
+
+def check_resumes_into(checkpoint, path, cfg):
+    """A CheckpointError unless the checkpoint read from `path` ran at the config's RESUME_KEYS."""
+    # A checkpoint written before a key existed ran at that key's default.
+    saved = {k: checkpoint["config"].get(k, KEYS[k].default) for k in RESUME_KEYS}
+    changed = [k for k in RESUME_KEYS if saved[k] != getattr(cfg, k)]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path} has a different {changed[0]} ({saved[changed[0]]}, config says "
+            f"{getattr(cfg, changed[0])})"
+        )
 
 
 def load_model_and_optimizer(path, model, optimizer):

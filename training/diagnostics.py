@@ -16,7 +16,7 @@ import re
 import torch
 
 from optimizers.dion2 import Dion2
-from optimizers.sharding import global_squared_norms, local_tensor
+from parallel.sharding import global_squared_norms, local_tensor
 
 LAYER = re.compile(r"blocks\.(\d+)\.")
 

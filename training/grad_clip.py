@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from optimizers.sharding import global_squared_norms, local_tensor
+from parallel.sharding import global_squared_norms, local_tensor
 
 
 def clip_grad_norm(params, max_norm):

@@ -5,9 +5,8 @@ import torch
 from data.tokenizer import TOKENIZERS
 from models.activation_checkpointing import apply_activation_checkpointing
 from models.gpt_model import GPT, GPTConfig
-from models.parallelize import apply_fsdp, apply_tp
-from training.distributed import wrap_model
-from training.mesh import fsdp_mesh
+from models.parallelize import apply_fsdp, apply_tp, wrap_model
+from parallel.layout import fsdp_mesh
 from training.precision import uses_bf16
 
 

@@ -106,7 +106,7 @@ def newton_schulz_note(cfg, device):
 def build_optimizer(groups, cfg, meshes=None):
     """The optimizer of `cfg.optimizer` over `groups`, with the config's hyperparameters.
 
-    `meshes` (from training.mesh.optimizer_meshes; none in one process) maps the optimizers'
+    `meshes` (from parallel.layout.optimizer_meshes; none in one process) maps the optimizers'
     mesh arguments to their meshes: Muon, NorMuon, Dion2 and NorDion2 split or exchange their
     work over distributed_mesh; Dion works over outer_shard_mesh and inner_shard_mesh;
     compressed sync runs over replicate_mesh.

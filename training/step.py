@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from models.parallelize import sync_tp_partial_grads
-from training.distributed import grad_sync
+from models.parallelize import grad_sync, sync_tp_partial_grads
 from training.grad_clip import clip_grad_norm
 
 

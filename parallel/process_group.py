@@ -1,4 +1,5 @@
-"""Process-group setup: one process with no launcher, or one per rank under torchrun."""
+"""Process groups: this process's rank and device (one process with no launcher, or one per
+rank under torchrun), leaving the groups together, and the group of a mesh."""
 
 import contextlib
 import datetime
@@ -7,9 +8,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.device_mesh import DeviceMesh
 
-from training.config import ConfigError
+
+class DeviceError(ValueError):
+    """A device that this machine or this rank cannot compute on."""
 
 
 @dataclass
@@ -43,20 +46,20 @@ def pick_device(device, local_rank=None):
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{device}'") from None
+        raise DeviceError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{device}'") from None
     if resolved.type != "cuda":
         return resolved
     if not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' was asked for, but CUDA is not available here")
+        raise DeviceError(f"device '{device}' was asked for, but CUDA is not available here")
     if local_rank is not None and resolved.index not in (None, local_rank):
-        raise ConfigError(
+        raise DeviceError(
             f"device '{device}' contradicts LOCAL_RANK {local_rank}: under torchrun each rank computes "
             "on cuda:LOCAL_RANK; pass --device cuda or auto"
         )
     index = local_rank if local_rank is not None else resolved.index or 0
     visible = torch.cuda.device_count()
     if index >= visible:
-        raise ConfigError(
+        raise DeviceError(
             f"device cuda:{index} was asked for (device '{device}', LOCAL_RANK {local_rank}), but this "
             f"process sees {visible} CUDA device(s): cuda:0 to cuda:{visible - 1}"
         )
@@ -127,28 +130,13 @@ def process_group(device, timeout, agreed_errors=()):
     shutdown(ctx)
 
 
-def wrap_model(model, ctx, unsynced=()):
-    """Wrap the model for DDP when there is more than one rank and FSDP does not shard it.
-    DDP leaves the gradients of the parameters named in `unsynced` alone (compressed sync
-    averages them in the optimizer)."""
-    if ctx.world_size == 1 or isinstance(model, FSDPModule):
-        return model
-    DDP = torch.nn.parallel.DistributedDataParallel
-    DDP._set_params_and_buffers_to_ignore_for_model(model, list(unsynced))
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    # Gradients as views of DDP's buckets, not a second fp32 copy of every gradient (4 GB at
-    # 1B); and no buffer broadcast before each forward: the rotary tables are the model's only
-    # buffers, computed alike on every rank.
-    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True, broadcast_buffers=False)
-
-
-def grad_sync(model, sync):
-    """A context for one micro-batch's backward: gradients are reduced only when `sync`, so
-    they sync once per optimizer step rather than once per micro-batch (DDP and FSDP).
-    `model` may be compiled: torch.compile's wrapper hides the module it compiled."""
-    model = getattr(model, "_orig_mod", model)
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(sync)
-    elif not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
+def mesh_group(mesh):
+    """The ProcessGroup of a 1-D DeviceMesh, or a ProcessGroup itself (None stays None, and so
+    does anything in a process with no process group)."""
+    if mesh is None or not dist.is_initialized():
+        return None
+    if isinstance(mesh, DeviceMesh):
+        if mesh.ndim != 1:
+            raise ValueError(f"distributed_mesh must be 1-D, got a {mesh.ndim}-D mesh")
+        return mesh.get_group()
+    return mesh

@@ -28,7 +28,7 @@ from optimizers.comm_plan import (
 from optimizers.dion2 import num_selected, selected_runs_local, slice_ranges
 from optimizers.newton_schulz import newton_schulz_flops
 from optimizers.registry import OPTIMIZERS, optimizer_arguments
-from optimizers.sharding import Block
+from parallel.sharding import Block
 from training.config import to_dict
 from training.model_setup import gpt_config
 from training.param_groups import build_param_groups
@@ -61,40 +61,11 @@ def chunk(size, parts, index):
     return start, min(step, size - start)
 
 
-def coordinates(layout, rank):
-    """The (dp, fs, tp) coordinates of a global rank in the ("dp", "fs", "tp") mesh."""
-    return rank // (layout.fs * layout.tp), rank // layout.tp % layout.fs, rank % layout.tp
-
-
-def global_rank(layout, dp, fs, tp):
-    """The global rank at mesh coordinates (dp, fs, tp)."""
-    return (dp * layout.fs + fs) * layout.tp + tp
-
-
-def groups_of(layout, rank):
-    """{name: the global ranks of the rank's group, in group order} for the optimizers' meshes
-    (training.mesh.optimizer_meshes): distributed (fs x tp flattened, fs, tp, or all ranks),
-    and dp, fs and tp where they have more than one rank."""
-    dp, fs, tp = coordinates(layout, rank)
-    groups = {
-        "dp": [global_rank(layout, d, fs, tp) for d in range(layout.dp)],
-        "fs": [global_rank(layout, dp, f, tp) for f in range(layout.fs)],
-        "tp": [global_rank(layout, dp, fs, t) for t in range(layout.tp)],
-    }
-    if layout.fs > 1 and layout.tp > 1:
-        distributed = [global_rank(layout, dp, f, t) for f in range(layout.fs) for t in range(layout.tp)]
-    elif layout.sharded:
-        distributed = groups["fs"] if layout.fs > 1 else groups["tp"]
-    else:
-        distributed = list(range(layout.world_size))
-    return {"distributed": distributed, **{k: v for k, v in groups.items() if len(v) > 1}}
-
-
 def block_of(name, shape, layout, rank):
     """The Block of the 2-D parameter `name` that a global rank holds: rows and columns cut by
     TP (over tp) on the dimension of its style and by FSDP (over fs) on the other, when the
     layout shards."""
-    _, fs, tp = coordinates(layout, rank)
+    _, fs, tp = layout.coordinates(rank)
     spans = [(0, shape[0]), (0, shape[1])]
     split_tp = tp_weight_dim(name) if layout.tp_enabled else None
     if split_tp is not None:
@@ -110,7 +81,7 @@ def local_numel(name, shape, layout, rank):
     """The elements of parameter `name` that a global rank holds."""
     if len(shape) == 2:
         return block_of(name, shape, layout, rank).numel
-    _, fs, _ = coordinates(layout, rank)  # a norm gain: FSDP's rows of it, whole under TP
+    _, fs, _ = layout.coordinates(rank)  # a norm gain: FSDP's rows of it, whole under TP
     return chunk(shape[0], layout.fs, fs)[1] if layout.sharded else shape[0]
 
 
@@ -129,7 +100,7 @@ class _Planner:
         self.ns_bytes = element_size(self.arguments.get("ns_dtype") or ns_dtype)
         self.polar = self.arguments.get("use_polar_express", True)
         self.selection_runs = selection_runs or {}
-        self.groups = groups_of(layout, rank)
+        self.groups = layout.groups(rank)
         distributed = self.groups["distributed"]
         self.world, self.group_rank = len(distributed), distributed.index(rank)
         self.replicas = self.groups.get("dp")
@@ -298,7 +269,7 @@ class _Planner:
 
 
 def plan_rank(cfg, layout, rank=0, ns_dtype=torch.bfloat16, selection_runs=None):
-    """The RankPlan of global `rank` in one step of `cfg` on `layout` (a training.mesh.Layout).
+    """The RankPlan of global `rank` in one step of `cfg` on `layout` (a parallel.layout.Layout).
 
     `ns_dtype` is Newton-Schulz's dtype where the config leaves it to the hardware (`auto`).
     `selection_runs` ({matrix name: [(first, count) per distributed rank]}) says where a global

@@ -1,0 +1,1 @@
+"""The ground floor of parallelism: layouts and meshes, process groups, DTensor blocks."""

@@ -1,0 +1,1 @@
+"""Plans of what a layout costs, predicted without running it."""
