@@ -5,7 +5,7 @@ import torch
 
 from optimizers.hyperparameters import check_value
 from optimizers.newton_schulz import orthogonality_error
-from optimizers.scalar import SCALAR_ALGORITHMS, new_scalar_state, scalar_step
+from optimizers.scalar import SCALAR_ALGORITHMS, new_scalar_state, scalar_state_bytes, scalar_step
 
 
 class BaseOptimizer(torch.optim.Optimizer):
@@ -28,6 +28,32 @@ class BaseOptimizer(torch.optim.Optimizer):
     def algorithm_name(cls):
         """The `algorithm` value of this class's own update."""
         return "adamw"
+
+    @classmethod
+    def state_bytes(cls, algorithm, shape, local_numel, dtype, arguments):
+        """The bytes of one parameter's state under `algorithm` on a rank that holds `local_numel`
+        of its elements in `dtype`, predicted for the layout planner: AdamW's and Lion's from
+        their own state, a matrix's by `_matrix_state_bytes`. `arguments` are the constructor's."""
+        if algorithm in SCALAR_ALGORITHMS:
+            return scalar_state_bytes(algorithm, local_numel, dtype)
+        return cls._matrix_state_bytes(shape, local_numel, dtype, arguments)
+
+    @classmethod
+    def _matrix_state_bytes(cls, shape, local_numel, dtype, arguments):
+        """The bytes of an m x n matrix's state (`shape`) on a rank holding `local_numel` of its
+        elements in `dtype`."""
+        raise NotImplementedError
+
+    @classmethod
+    def plan_bucket(cls, planner, names, shape):
+        """The layout planner's walk of one bucket of same-shape matrices (`names`) through the
+        class's `_update_bucket`: it calls `planner`'s methods (planning.layout_plan.StepPlanner)
+        where the step runs collectives and Newton-Schulz. AdamW and Lion have none."""
+
+    def selection_metrics(self):
+        """Diagnostics of the slices an algorithm selects ({} for one that selects none). Every
+        rank must call it."""
+        return {}
 
     def algorithms(self):
         """The `algorithm` values a param group may take."""

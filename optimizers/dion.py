@@ -109,6 +109,29 @@ class Dion(MatrixOptimizer):
         q = torch.linalg.qr(torch.randn(batch, n, rank, generator=generator)).Q
         return {"momentum": torch.zeros_like(p), "q": q.to(p.device, p.dtype)}
 
+    @classmethod
+    def _matrix_state_bytes(cls, shape, local_numel, dtype, arguments):
+        m, n = shape
+        q = n * low_rank(arguments["rank_fraction"], m, n)  # Q, whole on every rank
+        return (local_numel + q) * dtype.itemsize
+
+    @classmethod
+    def plan_bucket(cls, planner, names, shape):
+        # The low-rank factors P (m x r) and R (n x r) summed over the shard meshes, then
+        # averaged over the replicas under compressed sync.
+        m, n = shape
+        r = low_rank(planner.arguments["rank_fraction"], m, n)
+        for height in (m, n):
+            numel = len(names) * height * r
+            if planner.layout.sharded:
+                for mesh in ("fs", "tp"):
+                    if mesh in planner.groups:
+                        planner.traffic.all_reduce(
+                            len(planner.groups[mesh]), numel, planner.param_bytes, mesh
+                        )
+            if planner.compressed:
+                planner.traffic.all_reduce(len(planner.replicas), numel, planner.param_bytes, "dp")
+
     def _reduce(self, partial):
         """Sum a low-rank factor over the shard meshes, then average it over the replicas."""
         for comm in self.shard_comms:

@@ -236,6 +236,62 @@ class Dion2(MatrixOptimizer):
             "longest_wait": torch.zeros((), dtype=torch.int64, device=p.device),
         }
 
+    @classmethod
+    def _matrix_state_bytes(cls, shape, local_numel, dtype, arguments):
+        slices = shape[0] if cls.selects_rows(*shape) else shape[1]
+        # the momentum's block; each slice's last selection, the step and the longest wait (int64)
+        return local_numel * dtype.itemsize + slices * 8 + 16
+
+    @classmethod
+    def plan_bucket(cls, planner, names, shape):
+        m, n = shape
+        rows = cls.selects_rows(m, n)
+        slices, other = (m, n) if rows else (n, m)
+        fraction = planner.arguments["fraction"]
+        traffic = planner.traffic
+        if not planner.layout.sharded:
+            k = num_selected(fraction, slices)
+            if planner.compressed:
+                traffic.all_reduce(len(planner.replicas), len(names) * k * other, planner.param_bytes, "dp")
+            planner.orthonormalize(len(names), k, other)
+            return
+        spans = [[b if rows else b.transposed() for b in planner.blocks(name, shape)] for name in names]
+        if planner.arguments["selection"] == "l1":
+            traffic.all_reduce(planner.world, len(names) * slices, 4, "distributed")
+        if planner.arguments["selection_scope"] == "global":
+            # Where the top k of a whole matrix fall depends on its norms: the caller says, or
+            # they are taken to fall as a local selection's would.
+            runs = [
+                planner.selection_runs.get(name) or selected_runs_local(fraction, [span])[0]
+                for name, span in zip(names, spans, strict=True)
+            ]
+            counts = [num_selected(fraction, slices)] * len(names)
+        else:
+            runs = selected_runs_local(fraction, spans)
+            counts = [sum(num_selected(fraction, la) for _, la in slice_ranges(span)) for span in spans]
+        if planner.compressed:
+            me = planner.group_rank
+            mine = sum(run[me][1] * span[me].cols for run, span in zip(runs, spans, strict=True))
+            traffic.all_reduce(len(planner.replicas), mine, planner.param_bytes, "dp")
+        by_k = {}
+        for x, k in enumerate(counts):
+            by_k.setdefault(k, []).append(x)
+        for k, members in by_k.items():
+            blocks = [
+                [
+                    Block(first, count, b.col0, b.cols)
+                    for (first, count), b in zip(runs[x], spans[x], strict=True)
+                ]
+                for x in members
+            ]
+            planner.orthonormalize_blocks(blocks, (k, other))
+        cls._plan_orthonormalized(planner, counts)
+
+    @classmethod
+    def _plan_orthonormalized(cls, planner, counts):
+        """The planner's hook for what `_orthonormalized` sends of a sharded bucket whose
+        matrices selected `counts` slices each (nothing for Dion2 itself)."""
+
     def _generator(self, group, p, step, salt=()):
         """The random selection's generator for parameter p at `step`: the same on every rank,
         replica and resume."""
@@ -388,6 +444,17 @@ class Dion2(MatrixOptimizer):
             flatten,
             rows,
         )
+
+    def selection_metrics(self):
+        """The selection's diagnostics over all matrices: mean and least coverage, and the
+        longest wait of any slice. Every rank must call it."""
+        stats = self.selection_stats()
+        coverage = [s["coverage"] for s in stats]
+        return {
+            "selection_coverage_mean": sum(coverage) / len(coverage),
+            "selection_coverage_min": min(coverage),
+            "selection_longest_wait": max(s["longest_wait"] for s in stats),
+        }
 
     def selection_stats(self):
         """Per matrix: the fraction of slices selected at least once so far, and the longest

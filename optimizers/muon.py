@@ -60,6 +60,17 @@ class Muon(MatrixOptimizer):
     def _new_matrix_state(self, p, group):
         return {"momentum": torch.zeros_like(p)}
 
+    @classmethod
+    def _matrix_state_bytes(cls, shape, local_numel, dtype, arguments):
+        return local_numel * dtype.itemsize  # the momentum's block
+
+    @classmethod
+    def plan_bucket(cls, planner, names, shape):
+        if planner.layout.sharded:
+            planner.orthonormalize_blocks([planner.blocks(name, shape) for name in names], shape)
+        else:
+            planner.orthonormalize(len(names), *shape)
+
     def _orthonormalized(self, group, states, updates, row_starts, shape, sharded):
         """Hook for variants: adjust the orthonormalized updates in place. updates[i] is this
         rank's block (batch, rows, cols) of slot i's matrices, starting at row row_starts[i]

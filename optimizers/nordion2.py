@@ -14,52 +14,31 @@ class NorDion2(Dion2):
     rescaled to the Frobenius norm of O; W <- W (1 - lr wd); W[K] <- W[K] - lr s O'.
 
     The slices are always rows, whatever the shape, because the normalization is per output
-    neuron. The arguments are microsoft/dion's (`mu` is the error-feedback decay), with
-    Dion2's selection, decay, seed, ns_dtype, compressed sync and compile options as well.
+    neuron. The arguments are Dion2's, under microsoft/dion's names: `mu` is Dion2's
+    `ef_decay` (and the param-group key), and `muon_beta2` NorMuon's second-moment decay.
     """
 
     ef_decay_key = "mu"
 
-    def __init__(
-        self,
-        params,
-        distributed_mesh=None,
-        lr=0.01,
-        fraction=0.25,
-        mu=0.95,
-        muon_beta2=0.95,
-        betas=(0.9, 0.95),
-        weight_decay=0.01,
-        epsilon=1e-8,
-        adjust_lr="spectral_norm",
-        flatten=False,
-        use_triton=False,
-        use_polar_express=True,
-        selection_scope="local",
-        **kwargs,
-    ):
-        super().__init__(
-            params,
-            distributed_mesh,
-            lr=lr,
-            fraction=fraction,
-            ef_decay=mu,
-            betas=betas,
-            weight_decay=weight_decay,
-            epsilon=epsilon,
-            adjust_lr=adjust_lr,
-            flatten=flatten,
-            use_triton=use_triton,
-            use_polar_express=use_polar_express,
-            selection_scope=selection_scope,
-            muon_beta2=muon_beta2,
-            **kwargs,
-        )
+    def __init__(self, params, *args, mu=None, muon_beta2=0.95, **kwargs):
+        if mu is not None:  # else Dion2's default
+            kwargs["ef_decay"] = mu
+        super().__init__(params, *args, muon_beta2=muon_beta2, **kwargs)
 
     @staticmethod
     def selects_rows(m, n):
         """Always the rows: the output neurons that the normalization scales."""
         return True
+
+    @classmethod
+    def _matrix_state_bytes(cls, shape, local_numel, dtype, arguments):
+        # and each row's fp32 second moment, whole on every rank
+        return super()._matrix_state_bytes(shape, local_numel, dtype, arguments) + shape[0] * 4
+
+    @classmethod
+    def _plan_orthonormalized(cls, planner, counts):
+        # each selected row's sum of squares over the full matrix
+        planner.traffic.all_reduce(planner.world, sum(counts), 4, "distributed")
 
     def _slot_state(self, state, rows, local_rows, slices):
         return {

@@ -32,6 +32,17 @@ class NorMuon(Muon):
         batch, rows = as_matrices(p, group["flatten"]).shape[:2]
         return {**super()._new_matrix_state(p, group), "row_second_moment": per_matrix_zeros(p, batch, rows)}
 
+    @classmethod
+    def _matrix_state_bytes(cls, shape, local_numel, dtype, arguments):
+        # each row's fp32 second moment, whole on every rank
+        return super()._matrix_state_bytes(shape, local_numel, dtype, arguments) + shape[0] * 4
+
+    @classmethod
+    def plan_bucket(cls, planner, names, shape):
+        super().plan_bucket(planner, names, shape)
+        if planner.layout.sharded:  # each row's sum of squares over the full matrix
+            planner.traffic.all_reduce(planner.world, len(names) * shape[0], 4, "distributed")
+
     def _slot_state(self, state, rows, local_rows, slices):
         return {
             **super()._slot_state(state, rows, local_rows, slices),

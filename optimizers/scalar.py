@@ -43,6 +43,12 @@ def new_scalar_state(p, algorithm):
     return {"exp_avg": torch.zeros_like(p)}
 
 
+def scalar_state_bytes(algorithm, numel, dtype):
+    """The bytes of the AdamW or Lion state of `numel` elements of a parameter in `dtype`."""
+    state = new_scalar_state(torch.empty(numel, dtype=dtype, device="meta"), algorithm)
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def scalar_step(group, params, states):
     """One AdamW or Lion step (the group's `algorithm`) on the parameters that have gradients."""
     grads = [p.grad for p in params]

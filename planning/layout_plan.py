@@ -5,9 +5,10 @@ gradients, optimizer state and one micro-batch's logits.
 The parameters are the GPT's, built on the meta device and grouped as train.py groups them.
 Each rank's block of a parameter follows the TP plan and FSDP's placement
 (models/parallelize.py), cut as DTensor cuts. The matrices are bucketed as
-`MatrixOptimizer._matrix_step` buckets them, and every collective of a bucket is sized by the
-functions of optimizers/comm_plan.py, which the optimizers call to size their own; the
-selection counts are Dion2's own functions.
+`MatrixOptimizer._matrix_step` buckets them. Each optimizer class describes itself: its
+`plan_bucket` walks a bucket through its step, and `state_bytes` counts its state. Every
+collective is sized by the functions of optimizers/comm_plan.py, which the optimizers call to
+size their own.
 """
 
 import math
@@ -20,14 +21,13 @@ from models.parallelize import fsdp_dim, tp_weight_dim
 from optimizers.comm_plan import (
     Traffic,
     exchange_sizes,
-    low_rank,
     replica_assignment,
     replica_sizes,
     replicated_share,
 )
-from optimizers.dion2 import num_selected, selected_runs_local, slice_ranges
 from optimizers.newton_schulz import newton_schulz_flops
 from optimizers.registry import OPTIMIZERS, optimizer_arguments
+from optimizers.scalar import SCALAR_ALGORITHMS
 from parallel.sharding import Block
 from training.config import to_dict
 from training.model_setup import gpt_config
@@ -35,8 +35,7 @@ from training.param_groups import build_param_groups
 from training.precision import uses_bf16
 
 # The weights, their gradients and the optimizer state are fp32 in every layout.
-PARAM_BYTES = 4
-NEWTON_SCHULZ_FAMILY = ("muon", "normuon", "dion2", "nordion2")
+PARAM_DTYPE = torch.float32
 MEMORY = ("weights", "gradients", "optimizer state", "logits")
 
 
@@ -90,13 +89,17 @@ def element_size(dtype):
     return torch.empty((), dtype=dtype).element_size()
 
 
-class _Planner:
-    """Walks one rank's optimizer step, bucket by bucket, recording what it would send."""
+class StepPlanner:
+    """Walks one rank's optimizer step, bucket by bucket, recording what it would send. Each
+    optimizer class walks its own buckets (`plan_bucket`), calling the methods below where its
+    step calls collectives and Newton-Schulz."""
+
+    param_bytes = PARAM_DTYPE.itemsize
 
     def __init__(self, cfg, layout, rank, ns_dtype, selection_runs):
         self.cfg, self.layout, self.rank = cfg, layout, rank
-        self.name = cfg.optimizer
-        self.arguments = optimizer_arguments(self.name, to_dict(cfg))
+        self.cls = OPTIMIZERS[cfg.optimizer].cls
+        self.arguments = optimizer_arguments(cfg.optimizer, to_dict(cfg))
         self.ns_bytes = element_size(self.arguments.get("ns_dtype") or ns_dtype)
         self.polar = self.arguments.get("use_polar_express", True)
         self.selection_runs = selection_runs or {}
@@ -107,6 +110,11 @@ class _Planner:
         self.replica_rank = self.replicas.index(rank) if self.replicas else 0
         self.compressed = bool(self.replicas) and self.arguments.get("replicate_mesh_grad_sync", False)
         self.plan = RankPlan()
+
+    @property
+    def traffic(self):
+        """The Traffic recorded so far."""
+        return self.plan.traffic
 
     def blocks(self, name, shape):
         """Every rank of the distributed group's Block of a matrix, in group order."""
@@ -143,96 +151,10 @@ class _Planner:
         self.newton_schulz(len(owned[self.group_rank]), *shape)
         self.plan.traffic.all_to_all(self.group_rank, outgoing, incoming, self.ns_bytes, "distributed")
 
-    def muon_bucket(self, names, shape):
-        """Muon's and NorMuon's `_update_bucket`."""
-        m, n = shape
-        if not self.layout.sharded:
-            self.orthonormalize(len(names), m, n)
-            return
-        self.orthonormalize_blocks([self.blocks(name, shape) for name in names], shape)
-        if self.name == "normuon":  # each row's sum of squares over the full matrix
-            self.plan.traffic.all_reduce(self.world, len(names) * m, 4, "distributed")
-
-    def dion2_bucket(self, names, shape):
-        """Dion2's and NorDion2's `_update_bucket`."""
-        m, n = shape
-        rows = OPTIMIZERS[self.name].cls.selects_rows(m, n)
-        slices, other = (m, n) if rows else (n, m)
-        fraction = self.arguments["fraction"]
-        traffic = self.plan.traffic
-        if not self.layout.sharded:
-            k = num_selected(fraction, slices)
-            if self.compressed:
-                traffic.all_reduce(len(self.replicas), len(names) * k * other, PARAM_BYTES, "dp")
-            self.orthonormalize(len(names), k, other)
-            return
-        spans = [[b if rows else b.transposed() for b in self.blocks(name, shape)] for name in names]
-        if self.arguments["selection"] == "l1":
-            traffic.all_reduce(self.world, len(names) * slices, 4, "distributed")
-        if self.arguments["selection_scope"] == "global":
-            # Where the top k of a whole matrix fall depends on its norms: the caller says, or
-            # they are taken to fall as a local selection's would.
-            runs = [
-                self.selection_runs.get(name) or selected_runs_local(fraction, [span])[0]
-                for name, span in zip(names, spans, strict=True)
-            ]
-            counts = [num_selected(fraction, slices)] * len(names)
-        else:
-            runs = selected_runs_local(fraction, spans)
-            counts = [sum(num_selected(fraction, la) for _, la in slice_ranges(span)) for span in spans]
-        if self.compressed:
-            me = self.group_rank
-            mine = sum(run[me][1] * span[me].cols for run, span in zip(runs, spans, strict=True))
-            traffic.all_reduce(len(self.replicas), mine, PARAM_BYTES, "dp")
-        by_k = {}
-        for x, k in enumerate(counts):
-            by_k.setdefault(k, []).append(x)
-        for k, members in by_k.items():
-            blocks = [
-                [
-                    Block(first, count, b.col0, b.cols)
-                    for (first, count), b in zip(runs[x], spans[x], strict=True)
-                ]
-                for x in members
-            ]
-            self.orthonormalize_blocks(blocks, (k, other))
-        if self.name == "nordion2":  # each selected row's sum of squares over the full matrix
-            traffic.all_reduce(self.world, sum(counts), 4, "distributed")
-
-    def dion_bucket(self, names, shape):
-        """Dion's `_update_bucket`: the low-rank factors P (m x r) and R (n x r) summed over the
-        shard meshes, then averaged over the replicas under compressed sync."""
-        m, n = shape
-        r = low_rank(self.arguments["rank_fraction"], m, n)
-        for height in (m, n):
-            numel = len(names) * height * r
-            if self.layout.sharded:
-                for mesh in ("fs", "tp"):
-                    if mesh in self.groups:
-                        self.plan.traffic.all_reduce(len(self.groups[mesh]), numel, PARAM_BYTES, mesh)
-            if self.compressed:
-                self.plan.traffic.all_reduce(len(self.replicas), numel, PARAM_BYTES, "dp")
-
     def state_bytes(self, group, name, shape):
-        """The bytes of one parameter's optimizer state on this rank."""
-        algorithm = group["algorithm"]
-        local = local_numel(name, shape, self.layout, self.rank) * PARAM_BYTES
-        if algorithm == "adamw":
-            return 2 * local + 4  # exp_avg, exp_avg_sq and a float32 step
-        if algorithm == "lion":
-            return local
-        m, n = shape
-        extra = 0
-        if algorithm == "normuon":
-            extra = m * 4  # each row's second moment, whole on every rank
-        elif algorithm in ("dion2", "nordion2"):
-            slices = m if OPTIMIZERS[algorithm].cls.selects_rows(m, n) else n
-            # each slice's last selection (int64), the step and the longest wait; NorDion2 adds
-            # each slice's second moment
-            extra = slices * 8 + 16 + (slices * 4 if algorithm == "nordion2" else 0)
-        elif algorithm == "dion":
-            extra = n * low_rank(self.arguments["rank_fraction"], m, n) * PARAM_BYTES  # Q, whole
-        return local + extra
+        """The bytes of one parameter's optimizer state on this rank (the class's own count)."""
+        local = local_numel(name, shape, self.layout, self.rank)
+        return self.cls.state_bytes(group["algorithm"], shape, local, PARAM_DTYPE, self.arguments)
 
     def logits_bytes(self):
         """One micro-batch's logits on this rank, split over the vocabulary by TP: in the compute
@@ -243,28 +165,24 @@ class _Planner:
         return self.cfg.device_batch_size * self.cfg.sequence_length * columns * (compute + 4 + 4)
 
     def run(self, model):
+        """The RankPlan of one step of `model`'s param groups."""
         names = {id(p): n for n, p in model.named_parameters()}
         self.plan.memory["logits"] = self.logits_bytes()
         for group in build_param_groups(model, self.cfg):
             for p in group["params"]:
-                local = local_numel(names[id(p)], tuple(p.shape), self.layout, self.rank) * PARAM_BYTES
+                local = local_numel(names[id(p)], tuple(p.shape), self.layout, self.rank) * self.param_bytes
                 self.plan.memory["weights"] += local
                 self.plan.memory["gradients"] += local
                 self.plan.memory["optimizer state"] += self.state_bytes(group, names[id(p)], tuple(p.shape))
-            if group["algorithm"] != self.name or self.name == "adamw":
+            if group["algorithm"] in SCALAR_ALGORITHMS:
                 continue
             if group.get("num_heads"):
                 raise PlanError("ortho_per_head is not modelled by the planner")
             buckets = {}
             for p in group["params"]:
                 buckets.setdefault(tuple(p.shape), []).append(names[id(p)])
-            update = {
-                "dion": self.dion_bucket,
-                "dion2": self.dion2_bucket,
-                "nordion2": self.dion2_bucket,
-            }.get(self.name, self.muon_bucket)
             for shape, members in buckets.items():
-                update(members, shape)
+                self.cls.plan_bucket(self, members, shape)
         return self.plan
 
 
@@ -275,8 +193,6 @@ def plan_rank(cfg, layout, rank=0, ns_dtype=torch.bfloat16, selection_runs=None)
     `selection_runs` ({matrix name: [(first, count) per distributed rank]}) says where a global
     Dion2 selection's chosen slices fall in each rank's range, as `selected_runs_global` finds.
     """
-    if layout.world_size > 1 and cfg.optimizer not in (*NEWTON_SCHULZ_FAMILY, "dion", "adamw"):
-        raise PlanError(f"optimizer {cfg.optimizer} is not modelled by the planner")
     with torch.device("meta"):
         model = GPT(gpt_config(cfg))
-    return _Planner(cfg, layout, rank, ns_dtype, selection_runs).run(model)
+    return StepPlanner(cfg, layout, rank, ns_dtype, selection_runs).run(model)

@@ -9,7 +9,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from data.loader import TokenLoader, find_shards
 from optimizers import Dion2, Muon, NorDion2, NorMuon
 from tests.conftest import SHAKESPEARE
-from training.diagnostics import selection_metrics
 from training.step import agree
 
 HOST_OPS = ("aten::_local_scalar_dense", "aten::lift_fresh")
@@ -91,6 +90,6 @@ def test_selection_metrics_read_the_device_once():
     opt = Dion2(params, lr=0.02, fraction=0.25)
     steps(opt, params, generator, capture=False)
     with HostTraffic() as traffic:
-        metrics = selection_metrics(opt)
+        metrics = opt.selection_metrics()
     assert traffic.count == len(params)
     assert metrics["selection_coverage_min"] == 0.25 and metrics["selection_longest_wait"] == 1

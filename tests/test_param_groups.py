@@ -8,7 +8,6 @@ import torch
 from models.gpt_model import GPT, GPTConfig
 from optimizers import AdamWLion, Dion, Dion2, Muon, NorMuon
 from training.config import ConfigError, load_config
-from training.diagnostics import selection_metrics
 from training.param_groups import (
     ParamGroupError,
     build_optimizer,
@@ -140,18 +139,12 @@ def test_selection_metrics(model):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
-    metrics = selection_metrics(opt)
+    metrics = opt.selection_metrics()
     assert metrics["selection_coverage_min"] == pytest.approx(0.25)
     assert metrics["selection_coverage_mean"] == pytest.approx(0.25)
     assert metrics["selection_longest_wait"] == 1
-    assert (
-        selection_metrics(
-            build_optimizer(
-                build_param_groups(model, config("--optimizer", "muon")), config("--optimizer", "muon")
-            )
-        )
-        == {}
-    )
+    muon = config("--optimizer", "muon")
+    assert build_optimizer(build_param_groups(model, muon), muon).selection_metrics() == {}
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "nordion2"])

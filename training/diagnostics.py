@@ -15,24 +15,9 @@ import re
 
 import torch
 
-from optimizers.dion2 import Dion2
 from parallel.sharding import global_squared_norms, local_tensor
 
 LAYER = re.compile(r"blocks\.(\d+)\.")
-
-
-def selection_metrics(optimizer):
-    """The selection diagnostics of Dion2 or NorDion2 over all matrices ({} for another
-    optimizer). Every rank must call it."""
-    if not isinstance(optimizer, Dion2):
-        return {}
-    stats = optimizer.selection_stats()
-    coverage = [s["coverage"] for s in stats]
-    return {
-        "selection_coverage_mean": sum(coverage) / len(coverage),
-        "selection_coverage_min": min(coverage),
-        "selection_longest_wait": max(s["longest_wait"] for s in stats),
-    }
 
 
 class Diagnostics:
@@ -87,5 +72,5 @@ class Diagnostics:
         for (rows, cols), (error, largest) in self.optimizer.orthogonality_errors().items():
             record[f"ortho_error/{rows}x{cols}"] = error
             record[f"ortho_error_max/{rows}x{cols}"] = largest
-        record.update(selection_metrics(self.optimizer))
+        record.update(self.optimizer.selection_metrics())
         return record
