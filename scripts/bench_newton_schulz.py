@@ -16,6 +16,7 @@ import torch
 
 from optimizers.compiled import run_compiled
 from optimizers.newton_schulz import newton_schulz
+from scripts.results import results_file
 from scripts.timing import interleaved
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -46,6 +47,7 @@ def main(argv):
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--write", default=None, help="also write the report to this results file (markdown)")
     args = parser.parse_args(argv)
     if min(*args.shape, args.batch, args.steps) < 1 or args.warmup < 1:
         parser.error(f"--shape, --batch, --steps and --warmup must be >= 1, got {vars(args)}")
@@ -54,6 +56,12 @@ def main(argv):
     x = torch.randn(args.batch, *args.shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     calls = contenders(x, dtype)
     times = interleaved(calls, args.steps, args.warmup, device)
+    with results_file(args.write, "bench_newton_schulz.py", argv, device):
+        report(times, args, device)
+
+
+def report(times, args, device):
+    """Print the medians and the speed-ups over PyTorch."""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     m, n = args.shape
     print(

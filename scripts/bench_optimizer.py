@@ -34,6 +34,7 @@ import torch
 from optimizers import Dion2, Muon
 from optimizers.matrix_optimizer import default_ns_dtype
 from optimizers.newton_schulz import coefficients, gram
+from scripts.results import results_file
 from scripts.timing import interleaved
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -224,7 +225,8 @@ def plot_dims(results, path, title):
 
 
 def main(argv=None):
-    """Command-line entry point."""
+    """Command-line entry point. Returns what it timed, as its report printed it: {name: step
+    times} for one model_dim, {model_dim: those} for several, or (results, own) of `against`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_dim", type=int, default=768)
     parser.add_argument("--model_dims", type=int, nargs="+", default=None, help="time each of these instead")
@@ -245,6 +247,7 @@ def main(argv=None):
         "--against", default=None, help="a microsoft/dion checkout or its dion package folder"
     )
     parser.add_argument("--compiled", action="store_true", help="with --against: add the compiled column")
+    parser.add_argument("--write", default=None, help="also write the report to this results file (markdown)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,11 +256,18 @@ def main(argv=None):
         from scripts.microsoft_dion import import_reference
 
         import_reference(args.against)  # a bad path fails here, before any work
+    with results_file(args.write, "bench_optimizer.py", sys.argv[1:] if argv is None else argv, device):
+        return measure(args, device)
+
+
+def measure(args, device):
+    """Time and report what the arguments ask for (see `main`)."""
+    if args.against:
         modes = MODES if args.compiled else MODES[:2]
         dims = args.model_dims or [512, 768]
         results, own = against(args.against, dims, args.n_layer, args.steps, args.warmup, device, modes)
         report_against(results, own, modes, device)
-        return
+        return results, own
     dtype = DTYPES[args.dtype] if args.dtype else default_ns_dtype(device)
     if args.model_dims:
         results = {}
@@ -268,11 +278,12 @@ def main(argv=None):
         report_dims(results)
         if args.png:
             plot_dims(results, args.png, f"optimizer step of a {args.n_layer}-layer GPT ({device}, {dtype})")
-        return
+        return results
     times = run(args.model_dim, args.n_layer, args.fractions, args.steps, args.warmup, device, dtype)
     report(times, args.model_dim, args.n_layer, device, dtype)
     if args.png:
         plot(times, args.png, f"optimizer step, model_dim {args.model_dim}, {args.n_layer} layers ({device})")
+    return times
 
 
 if __name__ == "__main__":

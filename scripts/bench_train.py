@@ -38,6 +38,7 @@ import torch
 from models.flops import training_flops
 from parallel.layout import Layout
 from parallel.process_group import init_distributed
+from scripts.results import results_file
 from scripts.timing import synchronize
 from training.config import CHOICES, ConfigError, load_config_for
 from training.diagnostics import Diagnostics
@@ -167,6 +168,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak, for MFU")
+    parser.add_argument("--write", default=None, help="also write the report to this results file (markdown)")
     parser.add_argument(
         "--data",
         choices=DATA_SOURCES,
@@ -218,7 +220,9 @@ def main(argv):
             except (ConfigError, ParamGroupError) as e:
                 sys.exit(f"error: {label}: {e}")
         print(f"{label}: {results[label]['step'] * 1e3:.1f} ms/step", file=sys.stderr)
-    report(results, args.steps, args.warmup)
+    device = "cuda" if next(iter(results.values()))["device_type"] == "cuda" else "cpu"
+    with results_file(args.write, "bench_train.py", argv, device):
+        report(results, args.steps, args.warmup)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """Where a config's training FLOPs go: the hidden matrices (the orthonormal optimizers' share),
 the lm_head and the attention scores, per token and as shares of the total.
 
-    python scripts/flops.py --config configs/repro_cpu.yaml [--key value ...]
+    python scripts/flops.py --config configs/repro_cpu.yaml [--key value ...] [--write FILE]
 """
 
+import argparse
 import sys
 
 import torch
 
 from models.flops import training_flops
 from models.gpt_model import GPT
+from scripts.results import results_file
 from training.config import ConfigError, load_config
 from training.model_setup import gpt_config
 
@@ -39,12 +41,17 @@ def split_table(cfg):
 
 
 def main(argv):
-    """Print the split of the config on the command line."""
+    """Print the split of the config on the command line (`--write FILE` also writes it to a
+    results file)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser.add_argument("--write", default=None)
+    args, config_argv = parser.parse_known_args(argv)
     try:
-        cfg = load_config(argv)
+        cfg = load_config(config_argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    print(split_table(cfg))
+    with results_file(args.write, "flops.py", argv, "cpu", "Counted, not measured.", markdown=True):
+        print(split_table(cfg))
 
 
 if __name__ == "__main__":

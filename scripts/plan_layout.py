@@ -22,12 +22,7 @@ all-reduces) is counted by formula, apart from the optimizer's.
 """
 
 import argparse
-import contextlib
-import datetime
-import io
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -37,6 +32,7 @@ from optimizers.comm_plan import KINDS
 from optimizers.registry import reads
 from parallel.layout import LayoutError
 from planning.layout_plan import MEMORY, PlanError, local_numel, plan_rank
+from scripts.results import results_file
 from training.config import CHOICES, ConfigError, load_config_for
 from training.model_setup import gpt_config
 from training.run_setup import layout_of
@@ -228,27 +224,11 @@ def main(argv=None):
     for label, cfg in planned:
         plan = plan_rank(cfg, layout, args.rank, torch.bfloat16 if args.ns_dtype == "bf16" else torch.float32)
         rows.append((label, plan, estimate(cfg, layout, args.rank, plan, args)))
-    if args.write:
-        with contextlib.redirect_stdout(io.StringIO()) as text:
-            report(rows, layout, args)
-        write_report(args.write, text.getvalue(), argv)
-    report(rows, layout, args)
+    note = "A plan from the assumptions below, not a measurement."
+    command = sys.argv[1:] if argv is None else argv
+    with results_file(args.write, "plan_layout.py", command, "cpu", note, markdown=True):
+        report(rows, layout, args)
     return rows
-
-
-def write_report(path, text, argv):
-    """The report as a markdown file: the command, commit and date that made it, then the text.
-    The docs link these files rather than copy their figures."""
-    repo = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
-    commit = commit.stdout.strip()
-    command = " ".join(["python scripts/plan_layout.py", *(sys.argv[1:] if argv is None else argv)])
-    header = (
-        f"Written by `{command}` at commit {commit or 'unknown'} on {datetime.date.today()}. "
-        "A plan from the assumptions below, not a measurement.\n\n"
-    )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(header + text)
 
 
 if __name__ == "__main__":

@@ -119,38 +119,91 @@ def test_runs_are_found_at_any_depth(tmp_path, capsys):
     assert "| ortho_fraction=0.25 | 2.5000 |" in table
 
 
-def test_the_reproduction_report_fills_the_doc(tmp_path):
-    def run_records(offset):
-        out = records(2.0 + offset, steps=20)
-        for r in out:
-            r["train_loss"] += offset
-            if r["step"] % 5 == 0:
-                r.update({"val_loss": 2.0 + offset, "ortho_error/4x8": 0.1})
-                r.update({f"{k}/matrix": 1e-3 for k in ("update_rms", "weight_rms", "momentum_norm")})
-        return out
+def table_rows(text, name):
+    """The cells of each row of the table in section `name` of a report, header left out."""
+    section = text.split(f"<!-- report:{name} -->\n")[1].split(f"<!-- /report:{name} -->")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
 
+
+def test_the_reproduction_report_fills_the_doc(tmp_path):
     points = [{"optimizer": "muon"}] + [
         {"ortho_fraction": f, "selection": s, "decay": "selective"}
         for f in (0.5, 0.25, 0.125)
         for s in ("l1", "random")
     ]
     points.append({"ortho_fraction": 0.25, "selection": "l1", "decay": "full"})
+
+    def run_records(i, seed):
+        # Point i's losses sit (0.01 i + 0.003 seed) x the quarter above the others': every row
+        # of every table, and every quarter of a difference, has a value of its own.
+        offset = 0.01 * i + 0.003 * seed
+        out = records(2.0, steps=20)
+        for r in out:
+            quarter = math.ceil(r["step"] / 5)
+            r["train_loss"] += offset * quarter
+            if r["step"] % 5 == 0:
+                r.update({"val_loss": 2.0 + offset * quarter, "ortho_error/4x8": 0.1 + 0.01 * i})
+                r.update(
+                    {f"{k}/matrix": 1e-3 * (i + 1) for k in ("update_rms", "weight_rms", "momentum_norm")}
+                )
+                if i:  # Dion2's selection diagnostics
+                    r.update(
+                        selection_coverage_mean=0.5 + 0.05 * i,
+                        selection_coverage_min=0.1 * i,
+                        selection_longest_wait=i + seed,
+                    )
+        return out
+
     for i, point in enumerate(points):
         for seed in (0, 1):
-            fake_run(
-                tmp_path / "runs", f"{i}_{seed}", run_records(0.01 * i + 0.003 * seed), seed=seed, **point
-            )
+            fake_run(tmp_path / "runs", f"{i}_{seed}", run_records(i, seed), seed=seed, **point)
     doc = tmp_path / "doc.md"
     names = ("comparison", "fractions", "selection", "decay", "diagnostics")
     doc.write_text("".join(f"# {n}\n<!-- report:{n} -->\nold\n<!-- /report:{n} -->\n" for n in names))
     reproduction_report.main([str(tmp_path / "runs"), "--doc", str(doc), "--out", str(tmp_path / "out")])
     text = doc.read_text()
     assert "old" not in text
-    # Full decay's runs are 0.04 above those of l1 at 0.25 (0.01 a point), both with seeds 0.003
+
+    def offset(i):  # the mean over the two seeds
+        return 0.01 * i + 0.0015
+
+    labels = ["optimizer=muon"] + [
+        "optimizer=dion2, " + ", ".join(f"{k}={v}" for k, v in point.items()) for point in points[1:]
+    ]
+    comparison = table_rows(text, "comparison")
+    assert [row[0] for row in comparison] == labels
+    for i, row in enumerate(comparison):
+        assert row[1] == "2" and row[2].startswith(f"{2.0 + 4 * offset(i):.4f} ["), row
+    # (name, minuend point, subtrahend point) of each difference, in the order of its table.
+    differences = {
+        "fractions": [("l1 0.25 - l1 0.5", 3, 1), ("l1 0.125 - l1 0.5", 5, 1), ("l1 0.5 - Muon", 1, 0)],
+        "selection": [(f"random {f} - l1 {f}", i + 1, i) for f, i in ((0.5, 1), (0.25, 3), (0.125, 5))],
+        "decay": [("full - selective, l1 0.25", 7, 3)],
+    }
+    for name, compared in differences.items():
+        expected = [
+            [label, str(q), f"{(offset(a) - offset(b)) * q:+.4f}"]
+            for label, a, b in compared
+            for q in (1, 2, 3, 4)
+        ]
+        rows = table_rows(text, name)
+        assert [[row[0], row[1], row[2].split(" [")[0]] for row in rows] == expected, name
+        assert all(row[2].split(" [")[0] == row[4].split(" [")[0] for row in rows), name  # train = val here
+    # Full decay's runs are 0.04 above those of l1 at 0.25 in the first quarter, both with seeds 0.003
     # apart: a difference's standard error of 0.003 / sqrt(2), and t = 4.303 at 2 degrees of freedom.
-    assert "| full - selective, l1 0.25 | 4 | +0.0400 [+0.0309, +0.0491] | 0.0028 |" in text
-    for name in names:
-        assert text.count(f"<!-- report:{name} -->\n| ") + text.count(f"<!-- report:{name} -->\nOver") == 1
+    assert table_rows(text, "decay")[0][:4] == [
+        "full - selective, l1 0.25",
+        "1",
+        "+0.0400 [+0.0309, +0.0491]",
+        "0.0028",
+    ]
+    diagnostics = table_rows(text, "diagnostics")
+    assert [row[0] for row in diagnostics] == labels
+    for i, row in enumerate(diagnostics):
+        coverage = f"{0.5 + 0.05 * i:.3f} / {0.1 * i:.3f}" if i else "-"
+        wait = f"{i + 0.5:.0f}" if i else "-"
+        assert row[1:] == [coverage, wait, f"{0.1 + 0.01 * i:.3f}", f"{1e-3 * (i + 1):.2e}"], row
     assert {p.name for p in (tmp_path / "out").glob("*.png")} == {
         "comparison.png",
         "effects.png",

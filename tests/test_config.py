@@ -22,10 +22,72 @@ def test_yaml_then_cli_override(yaml_file):
     assert cfg.run_name == "exp"  # defaults to the config file's name
 
 
+# A value other than its default for every key, and what it needs beside it (an optimizer that
+# reads it, or a companion setting).
+OTHER_VALUES = {
+    "data_dir": "data/shakespeare_bytes",
+    "tokenizer": "bytes",
+    "run_name": "other",
+    "runs_dir": "elsewhere",
+    "seed": "3",
+    "model_dim": "384",
+    "n_layer": "2",
+    "n_head": "3",
+    "sequence_length": "64",
+    "batch_size": "64",
+    "device_batch_size": "16",
+    "num_iterations": "7",
+    "optimizer": "muon",
+    "scalar_opt": "lion",
+    "lr": "0.03",
+    "scalar_lr": "0.004",
+    "lm_head_lr_scale": "0.5",
+    "weight_decay": "0.1",
+    "mu": "0.9",
+    "ortho_fraction": "0.25",
+    "selection": "random",
+    "selection_scope": "global",
+    "decay": "full",
+    "adjust_lr": "rms_norm",
+    "nesterov": ("true", "--optimizer", "muon"),
+    "cautious_wd": ("true", "--optimizer", "muon"),
+    "use_polar_express": "false",
+    "ns_dtype": "bf16",
+    "muon_beta2": ("0.9", "--optimizer", "nordion2"),
+    "ortho_per_head": "true",
+    "diagnostics_every": "5",
+    "replicate_mesh_grad_sync": ("true", "--selection", "random"),
+    "warmup_ratio": "0.1",
+    "warmdown_ratio": "0.3",
+    "grad_clip": "1.0",
+    "val_loss_every": "50",
+    "val_tokens": "4096",
+    "checkpoint_every": "100",
+    "keep_checkpoints": "3",
+    "max_skipped_steps": "2",
+    "timeout": "60",
+    "preempt_signals": "SIGUSR1",
+    "resume": "auto",
+    "wandb_project": "project",
+    "sample_tokens": "0",
+    "dp_size": "2",
+    "fs_size": "2",
+    "tp_size": "2",
+    "activation_checkpointing": "full",
+    "ac_every": ("3", "--activation_checkpointing", "selective"),
+    "compile": "true",
+    "use_triton": "true",
+    "device": "cpu",
+    "precision": "bf16",
+}
+
+
 def test_every_key_can_be_set_from_the_cli():
-    for key, field in KEYS.items():
-        cfg = load_config([f"--{key}", str(field.default) if field.default is not None else "null"])
-        assert getattr(cfg, key) == field.default
+    assert OTHER_VALUES.keys() == KEYS.keys(), "give every key a value other than its default here"
+    for key, given in OTHER_VALUES.items():
+        value, *beside = (given,) if isinstance(given, str) else given
+        cfg = load_config([f"--{key}", value, *beside])
+        assert str(getattr(cfg, key)).lower() == value.lower() != str(KEYS[key].default).lower(), key
 
 
 def test_unknown_keys_name_the_closest(yaml_file):

@@ -28,6 +28,14 @@ def gradients(model, seed):
         p.grad = torch.randn(p.shape, generator=generator)
 
 
+def dion2_selection(x, fraction=0.5):
+    """Dion2's slices of the matrix x (its rows, or columns when it is tall), and the sorted
+    indices of the `fraction` of them with the largest l1 norms."""
+    slices = x if x.shape[0] <= x.shape[1] else x.T
+    k = math.ceil(fraction * len(slices))
+    return slices, slices.abs().sum(-1).topk(k).indices.sort().values
+
+
 def rms(tensors):
     return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors) / sum(t.numel() for t in tensors))
 
@@ -37,6 +45,7 @@ def test_diagnostics_equal_a_direct_computation(optimizer):
     model, opt = setup(optimizer)
     diagnostics = Diagnostics(model, opt, every=2)
     gradients(model, 0)
+    first_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     opt.step()  # a step unmeasured first, so that momentum and weights have moved
     assert not diagnostics.due(1, last=False) and diagnostics.due(2, last=False) and diagnostics.due(3, True)
     gradients(model, 1)
@@ -76,9 +85,35 @@ def test_diagnostics_equal_a_direct_computation(optimizer):
             largest = float(distance.abs().max())
             assert record[f"ortho_error_max/{m}x{n}"] == pytest.approx(largest, abs=1e-5)
     elif optimizer == "dion2":
-        # Dion2 orthonormalizes half (ortho_fraction 0.5) of the slices along the shorter side.
-        assert set(errors) == {"ortho_error/32x64", "ortho_error/32x256"}
-        assert {"selection_coverage_mean", "selection_longest_wait"} <= set(record)
+        # Dion2 orthonormalizes M[K], the half (ortho_fraction 0.5) of the slices along the
+        # shorter side with the largest l1 norms of M + G: rows of 64 x 64 and 64 x 256, columns
+        # of 256 x 64, whose first bucket comes before 64 x 256's.
+        first, coverage, waits = {}, [], []
+        for name, _ in roles["matrix"]:
+            x = inputs[name] + params[name].grad
+            selected, chosen = dion2_selection(x)
+            first.setdefault(tuple(selected[chosen].shape), selected[chosen])
+            # The selection of the first step, whose momentum was G alone.
+            _, before = dion2_selection(first_grads[name])
+            last = torch.zeros(len(selected))
+            last[before], last[chosen] = 1, 2
+            coverage.append(float((last > 0).float().mean()))
+            waits.append(int((2 - last).max()))  # the longest wait, still going on at step 2
+        assert (
+            set(errors)
+            == {f"ortho_error/{m}x{n}" for m, n in first}
+            == {"ortho_error/32x64", "ortho_error/32x256"}
+        )
+        for (m, n), x in first.items():
+            distance = torch.linalg.svdvals(newton_schulz(x[None], use_polar_express=True)[0]) - 1
+            assert errors[f"ortho_error/{m}x{n}"] == pytest.approx(
+                float(distance.square().mean().sqrt()), abs=1e-5
+            )
+            assert record[f"ortho_error_max/{m}x{n}"] == pytest.approx(float(distance.abs().max()), abs=1e-5)
+        assert record["selection_coverage_mean"] == pytest.approx(sum(coverage) / len(coverage))
+        assert record["selection_coverage_min"] == pytest.approx(min(coverage))
+        # A slice chosen at step 2 that never was before had waited 1 step; none waited longer.
+        assert record["selection_longest_wait"] == max(1, *waits)
     else:  # Dion's factors come from a QR, AdamW has no Newton-Schulz
         assert errors == {}
     assert opt.orthogonality_errors() == {}  # capturing stopped with the measured step

@@ -627,10 +627,23 @@ def test_bad_arguments(build, message):
 
 
 def test_step_takes_a_closure():
+    # torch.optim's contract: step() runs the closure once, with gradients on (step itself runs
+    # under no_grad), steps on the gradients it made, and returns its loss.
     p = torch.randn(4, 4, requires_grad=True)
-    opt = Dion2([p])
-    loss = opt.step(closure=lambda: (p**2).sum().backward() or (p**2).sum())
-    assert loss is not None and p.grad is not None
+    start = p.detach().clone()
+    opt = Dion2([p], lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure=closure)
+    assert calls == [True]
+    assert loss.item() == pytest.approx(float((start**2).sum()))
+    assert not torch.equal(p.detach(), start)  # the step used the closure's gradient
 
 
 def test_cholesky_qr_is_orthonormal_on_an_ill_conditioned_matrix():

@@ -272,5 +272,7 @@ def test_stopping_the_sweep_stops_its_run(tmp_path):
 
 
 def test_the_tail_train_loss_leaves_out_skipped_steps():
-    records = [{"step": s, "train_loss": loss} for s, loss in [(1, 9.0), (2, 5.0), (3, None), (4, 3.0)]]
+    # The last quarter of 8 steps is steps 7 and 8; step 7 was skipped (null), step 6 lies before.
+    losses = [9.0, 8.0, 7.0, 6.0, 5.0, 100.0, None, 3.0]
+    records = [{"step": s, "train_loss": loss} for s, loss in enumerate(losses, start=1)]
     assert run_records.tail_train_loss(records) == 3.0

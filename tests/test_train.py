@@ -49,13 +49,25 @@ def test_every_optimizer_lowers_the_loss(tmp_path, optimizer, scalar_opt):
     assert vals[0] > vals[1] > vals[2] and vals[2] < vals[0] - 0.5, vals
 
 
+DION2_RUN = {"num_iterations": 30, "val_loss_every": 10, "optimizer": "dion2", **ORTHONORMAL}
+
+
+@pytest.fixture(scope="module")
+def dion2_default_losses(tmp_path_factory):
+    """The train losses of DION2_RUN with Dion2's defaults (l1 selection, selective decay)."""
+    return [r["train_loss"] for r in run_train(tmp_path_factory.mktemp("default"), "d", **DION2_RUN)]
+
+
 @pytest.mark.parametrize("options", [{"selection": "random"}, {"decay": "full"}])
-def test_dion2_variants_train(tmp_path, options):
-    records = run_train(
-        tmp_path, "v", num_iterations=30, val_loss_every=10, optimizer="dion2", **ORTHONORMAL, **options
-    )
+def test_dion2_variants_train(tmp_path, dion2_default_losses, options):
+    records = run_train(tmp_path, "v", **DION2_RUN, **options)
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     assert vals[-1] < vals[0] - 0.3, vals
+    # Runs are deterministic: an option that never reached the optimizer would give the default
+    # run's losses, step for step. The first two losses come before any difference can show.
+    losses = [r["train_loss"] for r in records]
+    assert losses[:2] == dion2_default_losses[:2]
+    assert all(a != b for a, b in zip(losses[3:], dion2_default_losses[3:], strict=True))
 
 
 def test_selection_diagnostics_are_logged(tmp_path):
