@@ -239,7 +239,8 @@ def main(argv=None):
         "--dtype",
         choices=sorted(DTYPES),
         default=None,
-        help="Newton-Schulz compute dtype; default: bf16 on CUDA, fp32 elsewhere",
+        help="Newton-Schulz compute dtype; default: bf16 where the hardware has it (CUDA, CPUs with "
+        "AVX512-BF16 or AMX), else fp32",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--png", type=Path, default=None)

@@ -22,9 +22,14 @@ def _git(*args):
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
+# What the scripts write: a rewritten results file or figure is no change to the code measured.
+OUTPUTS = ("docs/results", "docs/figures")
+
+
 def commit():
-    """The checkout's short commit, with "+changes" when tracked files differ from it."""
-    changed = _git("status", "--porcelain", "--untracked-files=no")
+    """The checkout's short commit, with "+changes" when tracked files other than the scripts'
+    outputs differ from it."""
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{o}" for o in OUTPUTS))
     return (_git("rev-parse", "--short", "HEAD") or "unknown") + ("+changes" if changed else "")
 
 
