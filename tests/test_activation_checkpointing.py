@@ -101,6 +101,7 @@ def assert_same_losses(records, reference):
         ("full", {"compile": True}),
     ],
 )
+@pytest.mark.slow
 def test_one_process_losses_equal_none(tmp_path, mode, overrides):
     import train
 

@@ -63,6 +63,7 @@ def run_layouts(tmp_path, runs, steps=1, compiled=False):
 
 
 @pytest.mark.parametrize("layout", ["dp_size", "fs_size"])
+@pytest.mark.slow
 def test_a_compiled_model_reduces_its_gradients_once_per_step(tmp_path, layout):
     # Bug 2: torch.compile's wrapper hid DDP and FSDP from grad_sync, so every micro-batch
     # reduced the gradients. One micro-batch per step gives the count of one reduction.
@@ -77,6 +78,7 @@ def test_a_compiled_model_reduces_its_gradients_once_per_step(tmp_path, layout):
     assert results["accumulate"]["reductions"][0] == once  # not 4 x once
 
 
+@pytest.mark.slow
 def test_fsdp_computes_in_bf16_what_ddp_computes(tmp_path):
     # Bug 7: FSDP's bf16 param_dtype also cast the embedding, and its cast of each block's
     # inputs made the residual stream and the rotary tables bf16, while DDP under autocast

@@ -3,6 +3,7 @@ of one process; under DDP, gradients that are views of its buckets, and no buffe
 
 import zlib
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -62,6 +63,7 @@ def tp_worker(rank, world_size, init_file, out_dir):
         torch.save(result, f"{out_dir}/tp_{rank}.pt")
 
 
+@pytest.mark.slow
 def test_tp_loss_on_split_logits_equals_one_process(tmp_path):
     # Before, lm_head's output was replicated: every TP rank held all the vocabulary's logits.
     mp.spawn(tp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
@@ -94,6 +96,7 @@ def ddp_worker(rank, world_size, init_file, out_dir):
             torch.save((broadcasts.count, len(storages), len(list(model.parameters()))), f"{out_dir}/ddp.pt")
 
 
+@pytest.mark.slow
 def test_ddp_gradients_are_bucket_views_and_buffers_are_not_broadcast(tmp_path):
     # Before, every gradient had its own fp32 tensor beside DDP's buckets (4 GB more at 1B),
     # and each forward broadcast the rotary tables from rank 0.

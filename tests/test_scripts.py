@@ -59,6 +59,7 @@ def run_script(name, *args):
     )
 
 
+@pytest.mark.slow
 def test_bench_train_compares_optimizers_on_cpu():
     done = run_script(
         "bench_train.py",
@@ -110,6 +111,7 @@ def test_bench_train_report_derives_its_figures_from_the_measurements(capsys):
     ]
 
 
+@pytest.mark.slow
 def test_bench_train_compares_activation_checkpointing():
     done = run_script(
         "bench_train.py",
@@ -165,6 +167,7 @@ def test_bench_newton_schulz_runs_every_contender_it_can(capsys):
         assert re.search(rf"^{re.escape(name)}\s+[\d.]+\s+[\d.]+$", out, re.M), name
 
 
+@pytest.mark.slow
 def test_gpu_check_lists_its_checks_and_without_cuda_says_so_in_one_line():
     listed = run_script("gpu_check.py", "--dry-run")
     assert listed.returncode == 0, listed.stderr
@@ -227,6 +230,7 @@ def test_gpu_check_in_a_checkout_pip_has_not_installed_says_how_to_run_it():
     ]
 
 
+@pytest.mark.slow
 def test_gpu_check_trains_without_tiktoken():
     # data/tokenizer.py imported tiktoken at the top, so every check that read the config died
     # on an image with torch and nothing else; only GPT-2's text needs it.

@@ -77,6 +77,7 @@ def test_a_sweep_runs_every_point_and_prints_a_summary(finished, capsys):
         assert (runs / name / "train.log").read_text() == logs[name]
 
 
+@pytest.mark.slow
 def test_an_interrupted_point_resumes_from_its_checkpoint(finished, tmp_path, capsys):
     path, runs = finished
     copy = tmp_path / "two"
@@ -254,6 +255,7 @@ def test_plot_errors(tmp_path, args, message):
         plot_runs.main([str(tmp_path / args[0]), *args[1:], "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.slow
 def test_stopping_the_sweep_stops_its_run(tmp_path):
     path = write_sweep(tmp_path, {"optimizer": ["adamw"]}, num_iterations=100_000, checkpoint_every=0)
     metrics = tmp_path / "runs" / "two" / "optimizer=adamw" / "metrics.jsonl"

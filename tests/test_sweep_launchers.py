@@ -47,6 +47,7 @@ def alone(path, runs_dir, name, threads=None):
     return losses(Path(runs_dir) / path.stem / f"alone-{name}")
 
 
+@pytest.mark.slow
 def test_two_points_at_once_match_each_alone(tmp_path, capsys):
     path = write_sweep(tmp_path, {"optimizer": ["dion2", "muon"]}, num_iterations=30)
     assert sweep.main([str(path), "--runs_dir", str(tmp_path / "runs"), "--parallel", "2"]) == 0
@@ -66,6 +67,7 @@ def test_two_points_at_once_match_each_alone(tmp_path, capsys):
         assert together == alone(path, tmp_path / "runs", name, threads)
 
 
+@pytest.mark.slow
 def test_status_lists_each_points_state_step_and_loss(tmp_path, capsys):
     path = write_sweep(tmp_path, {"optimizer": ["adamw", "muon"]}, num_iterations=4)
     runs = tmp_path / "runs"
@@ -116,6 +118,7 @@ def wait_for(condition, deadline, what):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_slurm_job_stopped_by_sigterm_is_requeued_and_resumes_exactly(tmp_path, capsys):
     steps = 200
     path = write_sweep(tmp_path, {"optimizer": ["dion2"]}, num_iterations=steps, val_loss_every=50)
