@@ -68,8 +68,6 @@ def train(cfg, layout, ctx, preemption):
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     if checkpoint is not None:
         check_resumes_into(checkpoint, resume_path, cfg)
-    # Data, model and optimizer, split over the layout's ranks; the matrices get the
-    # orthonormal algorithm.
     run = build_run(cfg, layout, ctx)
     model, optimizer, loader = run.model, run.optimizer, run.train_data
     if ctx.is_main:

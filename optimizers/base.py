@@ -42,7 +42,7 @@ class BaseOptimizer(torch.optim.Optimizer):
     def _matrix_state_bytes(cls, shape, local_numel, dtype, arguments):
         """The bytes of an m x n matrix's state (`shape`) on a rank holding `local_numel` of its
         elements in `dtype`."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__name__} has no _matrix_state_bytes")
 
     @classmethod
     def plan_bucket(cls, planner, names, shape):

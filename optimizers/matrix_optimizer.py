@@ -347,6 +347,10 @@ class MatrixOptimizer(BaseOptimizer):
         `run_overlapped`), or a plain function that runs at once."""
         raise NotImplementedError
 
+    @classmethod
+    def plan_bucket(cls, planner, names, shape):
+        raise NotImplementedError(f"{cls.__name__} has no plan_bucket")
+
     def _begin_step(self, group, params):
         """Per-parameter bookkeeping once per step, before the updates (nothing here)."""
 

@@ -14,16 +14,19 @@ class NorDion2(Dion2):
     rescaled to the Frobenius norm of O; W <- W (1 - lr wd); W[K] <- W[K] - lr s O'.
 
     The slices are always rows, whatever the shape, because the normalization is per output
-    neuron. The arguments are Dion2's, under microsoft/dion's names: `mu` is Dion2's
-    `ef_decay` (and the param-group key), and `muon_beta2` NorMuon's second-moment decay.
+    neuron. The arguments are Dion2's, under microsoft/dion's names and in its order up to
+    `fraction`: `mu` is Dion2's `ef_decay` (and the param-group key), `muon_beta2` NorMuon's
+    second-moment decay, and they and the rest of Dion2's arguments are keywords.
     """
 
     ef_decay_key = "mu"
 
-    def __init__(self, params, *args, mu=None, muon_beta2=0.95, **kwargs):
-        if mu is not None:  # else Dion2's default
-            kwargs["ef_decay"] = mu
-        super().__init__(params, *args, muon_beta2=muon_beta2, **kwargs)
+    def __init__(
+        self, params, distributed_mesh=None, lr=0.01, fraction=0.25, *, mu=0.95, muon_beta2=0.95, **kwargs
+    ):
+        if "ef_decay" in kwargs:
+            raise TypeError("NorDion2 takes microsoft/dion's mu for the error-feedback decay, not ef_decay")
+        super().__init__(params, distributed_mesh, lr, fraction, ef_decay=mu, muon_beta2=muon_beta2, **kwargs)
 
     @staticmethod
     def selects_rows(m, n):

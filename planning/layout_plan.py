@@ -121,6 +121,7 @@ class StepPlanner:
         return [block_of(name, shape, self.layout, r) for r in self.groups["distributed"]]
 
     def newton_schulz(self, count, m, n):
+        """Newton-Schulz on `count` m x n matrices on this rank: its FLOPs."""
         self.plan.ns_flops += count * newton_schulz_flops(m, n, self.polar)
 
     def orthonormalize(self, count, m, n):
@@ -195,4 +196,7 @@ def plan_rank(cfg, layout, rank=0, ns_dtype=torch.bfloat16, selection_runs=None)
     """
     with torch.device("meta"):
         model = GPT(gpt_config(cfg))
-    return StepPlanner(cfg, layout, rank, ns_dtype, selection_runs).run(model)
+    try:
+        return StepPlanner(cfg, layout, rank, ns_dtype, selection_runs).run(model)
+    except NotImplementedError as e:  # an optimizer that does not describe itself to the planner
+        raise PlanError(f"optimizer {cfg.optimizer} is not modelled by the planner: {e}") from None

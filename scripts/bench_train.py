@@ -35,9 +35,11 @@ import time
 
 import torch
 
+from data.loader import DataError
+from data.shards import ShardError
 from models.flops import training_flops
 from parallel.layout import Layout
-from parallel.process_group import init_distributed
+from parallel.process_group import DeviceError, init_distributed
 from scripts.results import results_file
 from scripts.timing import synchronize
 from training.config import CHOICES, ConfigError, load_config_for
@@ -77,7 +79,7 @@ def measure(argv, optimizer, steps, warmup, peak_override, data="random"):
     cfg = load_config_for(argv, optimizer)
     ctx = init_distributed(cfg.device, cfg.timeout)
     device = ctx.device
-    run = build_run(cfg, Layout(), ctx, data)
+    run = build_run(cfg, Layout(), ctx, data, validation=False)
     model, opt = run.model, run.optimizer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -217,7 +219,7 @@ def main(argv):
                 results[label] = pool.apply(
                     measure, (run_argv, name, args.steps, args.warmup, args.peak_tflops, args.data)
                 )
-            except (ConfigError, ParamGroupError) as e:
+            except (ConfigError, ParamGroupError, DeviceError, DataError, ShardError) as e:
                 sys.exit(f"error: {label}: {e}")
         print(f"{label}: {results[label]['step'] * 1e3:.1f} ms/step", file=sys.stderr)
     device = "cuda" if next(iter(results.values()))["device_type"] == "cuda" else "cpu"

@@ -50,7 +50,7 @@ def main(argv):
         cfg = load_config(config_argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    with results_file(args.write, "flops.py", argv, "cpu", "Counted, not measured.", markdown=True):
+    with results_file(args.write, "flops.py", argv, None, "Counted, not measured.", markdown=True):
         print(split_table(cfg))
 
 

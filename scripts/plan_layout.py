@@ -226,7 +226,7 @@ def main(argv=None):
         rows.append((label, plan, estimate(cfg, layout, args.rank, plan, args)))
     note = "A plan from the assumptions below, not a measurement."
     command = sys.argv[1:] if argv is None else argv
-    with results_file(args.write, "plan_layout.py", command, "cpu", note, markdown=True):
+    with results_file(args.write, "plan_layout.py", command, None, note, markdown=True):
         report(rows, layout, args)
     return rows
 

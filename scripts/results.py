@@ -70,9 +70,10 @@ class _Tee(io.TextIOBase):
 def results_file(path, script, argv, device, note="", markdown=False):
     """Inside the block, what is printed also goes to the results file `path` (None: no file),
     written when the block ends under the line naming `script` run with `argv` (the command
-    line after the script's name), the commit, the machine of `device` and the date. `note`
-    follows that line (what kind of figures they are). Printed text is kept as it looks, in a
-    code block, unless it is `markdown` already."""
+    line after the script's name), the commit, the machine of `device` (None for figures that
+    no machine measured: a plan, a count) and the date. `note` follows that line (what kind of
+    figures they are). Printed text is kept as it looks, in a code block, unless it is
+    `markdown` already."""
     if path is None:
         yield
         return
@@ -80,10 +81,9 @@ def results_file(path, script, argv, device, note="", markdown=False):
     with contextlib.redirect_stdout(tee):
         yield
     command = " ".join(["python", f"scripts/{script}", *argv])
-    header = (
-        f"Written by `{command}` at commit {commit()} on {machine(device)}, "
-        f"{datetime.date.today()}.{' ' + note if note else ''}\n\n"
-    )
+    where = f" on {machine(device)}," if device is not None else ""
+    after = f" {note}" if note else ""
+    header = f"Written by `{command}` at commit {commit()}{where} {datetime.date.today()}.{after}\n\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     text = tee.copy.getvalue()
     Path(path).write_text(header + (text if markdown else f"```\n{text}```\n"))

@@ -199,3 +199,15 @@ def test_plan_layout_bad_input_is_one_line(args, message):
     done = run_plan("--world", "64", *args)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert message in done.stderr
+
+
+def test_an_optimizer_that_does_not_describe_itself_is_one_line(monkeypatch):
+    from optimizers import Muon
+    from optimizers.matrix_optimizer import MatrixOptimizer
+    from planning.layout_plan import PlanError
+
+    monkeypatch.setattr(Muon, "plan_bucket", MatrixOptimizer.__dict__["plan_bucket"])
+    with pytest.raises(
+        PlanError, match="optimizer muon is not modelled by the planner: Muon has no plan_bucket"
+    ):
+        plan_rank(config(Layout(fs=2), {"optimizer": "muon"}), Layout(fs=2))

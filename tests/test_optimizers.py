@@ -626,6 +626,16 @@ def test_bad_arguments(build, message):
         build(torch.zeros(4, 4))
 
 
+def test_nordion2_takes_microsoft_dions_names():
+    p = torch.zeros(4, 4)
+    group = NorDion2([p], None, 0.02, 0.5, mu=0.9, muon_beta2=0.8).param_groups[0]
+    assert (group["lr"], group["fraction"], group["mu"], group["muon_beta2"]) == (0.02, 0.5, 0.9, 0.8)
+    with pytest.raises(TypeError, match="takes microsoft/dion's mu"):
+        NorDion2([p], ef_decay=0.9)
+    with pytest.raises(TypeError):  # mu and what follows are keywords, never bound by position
+        NorDion2([p], None, 0.02, 0.5, 0.9)
+
+
 def test_step_takes_a_closure():
     # torch.optim's contract: step() runs the closure once, with gradients on (step itself runs
     # under no_grad), steps on the gradients it made, and returns its loss.

@@ -40,7 +40,8 @@ def layout_of(cfg, world_size):
 
 
 def accum_steps(cfg, layout):
-    """Micro-batches per optimizer step on each rank of `layout` (checked by `layout_of`)."""
+    """Micro-batches per optimizer step on each rank of `layout` (a whole number: `layout_of`
+    checks the batch against the data-parallel ranks, the config against one process)."""
     return cfg.batch_size // (cfg.device_batch_size * layout.dp * layout.fs)
 
 
@@ -57,7 +58,7 @@ class Run:
     groups: list  # the optimizer's param groups, one per parameter role
     optimizer: torch.optim.Optimizer
     train_data: object  # next_batch() gives this rank's (input, target)
-    val_data: ValidationData | None  # None for random data
+    val_data: ValidationData | None  # None for random data, or without validation
     accum_steps: int
     autocast: object
 
@@ -99,12 +100,13 @@ class Run:
         return mean_over_ranks(total / len(self.val_data), self.ctx).item()
 
 
-def build_run(cfg, layout, ctx, data="shards"):
+def build_run(cfg, layout, ctx, data="shards", validation=True):
     """The Run of `cfg` on this rank of `layout`. The data comes first, so that a missing or
     corrupt shard stops the run before the model takes any memory.
 
     `data` is one of DATA_SOURCES: "random" draws a few batches of ids on the device from the
-    seed and this rank's batch index, with no validation data."""
+    seed and this rank's batch index, with no validation data. A benchmark that reads shards
+    but never evaluates passes `validation=False`: no val shards, and no `val_tokens` to hold."""
     if data not in DATA_SOURCES:
         raise ValueError(f"data must be one of {', '.join(DATA_SOURCES)}, got {data!r}")
     mesh = layout.build_mesh(ctx.device.type)
@@ -115,7 +117,9 @@ def build_run(cfg, layout, ctx, data="shards"):
     if data == "shards":
         split = (batch_rank, batch_ranks, ctx.device, vocab_size)
         train_data = TokenLoader(find_shards(cfg.data_dir, "train"), *shape, *split)
-        val_data = ValidationData(find_shards(cfg.data_dir, "val"), cfg.val_tokens, *shape, *split)
+        val_data = None
+        if validation:
+            val_data = ValidationData(find_shards(cfg.data_dir, "val"), cfg.val_tokens, *shape, *split)
     else:
         seed = cfg.seed + batch_rank
         train_data = RandomTokens(*shape, vocab_size, ctx.device, seed, min(steps, RANDOM_BATCHES))
@@ -124,5 +128,17 @@ def build_run(cfg, layout, ctx, data="shards"):
     groups = build_param_groups(model, cfg)
     optimizer = build_optimizer(groups, cfg, optimizer_meshes(mesh, ctx.group))
     autocast = bf16_autocast(cfg.precision, ctx.device)
-    parts = (model, forward, groups, optimizer, train_data, val_data, steps, autocast)
-    return Run(cfg, layout, ctx, mesh, *parts)
+    return Run(
+        cfg=cfg,
+        layout=layout,
+        ctx=ctx,
+        mesh=mesh,
+        model=model,
+        forward=forward,
+        groups=groups,
+        optimizer=optimizer,
+        train_data=train_data,
+        val_data=val_data,
+        accum_steps=steps,
+        autocast=autocast,
+    )
