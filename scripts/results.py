@@ -81,7 +81,7 @@ def results_file(path, script, argv, device, note="", markdown=False):
     with contextlib.redirect_stdout(tee):
         yield
     command = " ".join(["python", f"scripts/{script}", *argv])
-    where = f" on {machine(device)}," if device is not None else ""
+    where = f" on {machine(device)}," if device is not None else ","
     after = f" {note}" if note else ""
     header = f"Written by `{command}` at commit {commit()}{where} {datetime.date.today()}.{after}\n\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
