@@ -32,22 +32,29 @@ class CountCollectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def layout_steps(rank, world_size, cfg, steps, compiled):
+    """(losses, gradient reductions per step) of a few steps of train.py's own parts."""
+    run = build_run(cfg, layout_of(cfg, world_size), DistContext(rank, world_size, torch.device("cpu")))
+    if compiled:  # what compile: true does, with a backend that compiles in no time
+        run.forward = torch.compile(run.forward, backend="eager")
+    losses, counts = [], []
+    for _ in range(steps):
+        with CountCollectives("allreduce", "reduce_scatter") as reduced:
+            loss = run.accumulate()
+        counts.append(reduced.count)
+        losses.append(run.apply(loss, 1.0).train_loss)
+    return losses, counts
+
+
 def train_layout(rank, world_size, init_file, out_dir, name, flags, steps, compiled):
-    """A few training steps of train.py's own parts on one gloo rank: the losses, and the
-    gradient reductions of each step's micro-batches."""
+    """A few training steps on one gloo rank: the losses, and the gradient reductions of each
+    step's micro-batches. The run (and its DDP or FSDP model) lives in layout_steps' frame, so it
+    is freed before the ranks leave the group (see test_parallel_memory.ddp_worker)."""
     with gloo(rank, world_size, init_file):
         cfg = load_config(train_argv(out_dir, name, **flags))
-        run = build_run(cfg, layout_of(cfg, world_size), DistContext(rank, world_size, torch.device("cpu")))
-        if compiled:  # what compile: true does, with a backend that compiles in no time
-            run.forward = torch.compile(run.forward, backend="eager")
-        losses, counts = [], []
-        for _ in range(steps):
-            with CountCollectives("allreduce", "reduce_scatter") as reduced:
-                loss = run.accumulate()
-            counts.append(reduced.count)
-            losses.append(run.apply(loss, 1.0).train_loss)
-        if rank == 0:
-            torch.save({"losses": losses, "reductions": counts}, f"{out_dir}/{name}.pt")
+        losses, counts = layout_steps(rank, world_size, cfg, steps, compiled)
+    if rank == 0:
+        torch.save({"losses": losses, "reductions": counts}, f"{out_dir}/{name}.pt")
 
 
 def run_layouts(tmp_path, runs, steps=1, compiled=False):

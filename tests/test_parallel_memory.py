@@ -80,20 +80,29 @@ def test_tp_loss_on_split_logits_equals_one_process(tmp_path):
             torch.testing.assert_close(tp_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def ddp_worker(rank, world_size, init_file, out_dir):
+def ddp_counts(rank, world_size):
+    """(broadcasts in a forward, distinct gradient storages, parameters) of a DDP model."""
     from tests.test_cuda_path import CountCollectives
 
+    model = GPT(GPTConfig(model_dim=32, n_layer=1, n_head=2, sequence_length=16))
+    model.init_weights(0)
+    ddp = wrap_model(model, DistContext(rank, world_size, torch.device("cpu")))
+    tokens = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(rank))
+    with CountCollectives("broadcast") as broadcasts:
+        loss = ddp(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+    return broadcasts.count, len(storages), len(list(model.parameters()))
+
+
+def ddp_worker(rank, world_size, init_file, out_dir):
+    # The DDP model lives in ddp_counts' frame, so it is freed before the ranks leave the group.
+    # Held past it, its reducer would free the destroyed group at exit, joining gloo's worker
+    # thread under the GIL that thread waits for: a hang, one run in three here.
     with gloo(rank, world_size, init_file):
-        model = GPT(GPTConfig(model_dim=32, n_layer=1, n_head=2, sequence_length=16))
-        model.init_weights(0)
-        ddp = wrap_model(model, DistContext(rank, world_size, torch.device("cpu")))
-        tokens = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(rank))
-        with CountCollectives("broadcast") as broadcasts:
-            loss = ddp(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
-        if rank == 0:
-            torch.save((broadcasts.count, len(storages), len(list(model.parameters()))), f"{out_dir}/ddp.pt")
+        counts = ddp_counts(rank, world_size)
+    if rank == 0:
+        torch.save(counts, f"{out_dir}/ddp.pt")
 
 
 @pytest.mark.slow
