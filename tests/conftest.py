@@ -115,7 +115,10 @@ def torchrun(nproc, argv):
 @contextlib.contextmanager
 def gloo(rank, world_size, init_file):
     """A gloo process group for one spawned worker. On success the ranks leave it together
-    (a barrier, then destroy), so none closes its connections under a peer's collective."""
+    (a barrier, then destroy), so none closes its connections under a peer's collective.
+    Whatever holds the group (a DDP model, an optimizer's communicators) must be freed inside
+    the block, in a function it calls: freed after, it would destroy the group at the worker's
+    exit, under the GIL that gloo's thread needs, and hang."""
     import optimizers.matrix_optimizer as matrix_optimizer
 
     matrix_optimizer.native_bf16 = cuda_only_bf16  # a spawned worker does not inherit the fixture's
