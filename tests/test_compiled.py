@@ -10,12 +10,13 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import optimizers.compiled as compiled
-from models.gpt_model import GPT, GPTConfig
 from optimizers import Dion, Dion2, Muon, NorDion2, NorMuon
 from optimizers.newton_schulz import newton_schulz
+from parallel.layout import Layout
+from parallel.process_group import DistContext
 from tests.conftest import TINY, run_train
 from training.config import load_config_for
-from training.param_groups import build_optimizer, build_param_groups
+from training.run_setup import build_run
 
 # Fourteen distinct matrix shapes: more than torch._dynamo.config.recompile_limit (8).
 MANY_SHAPES = [(8 + 4 * i, 24) for i in range(7)] + [(24, 10 + 4 * i) for i in range(7)]
@@ -121,16 +122,20 @@ def test_past_the_accumulated_limit_new_shapes_run_eagerly(counter):
 
 
 def small_gpt_updates(optimizer, compile, ns_dtype, steps=3):
-    """What `steps` steps of the optimizer change in a small GPT's weights."""
-    model = GPT(GPTConfig(model_dim=64, n_layer=2, n_head=4, sequence_length=32))
-    model.init_weights(0)
+    """What `steps` steps of the optimizer change in a small GPT's weights. The run's model is
+    called directly, never its compiled forward: only the optimizer is compiled."""
+    shape = ["--model_dim", "64", "--n_layer", "2", "--n_head", "4", "--sequence_length", "32"]
+    argv = [
+        *shape,
+        *("--batch_size", "2", "--device_batch_size", "2", "--lr", "0.02", "--ortho_fraction", "0.25"),
+    ]
+    cfg = load_config_for([*argv, "--compile", str(compile).lower()], optimizer)
+    run = build_run(cfg, Layout(), DistContext(0, 1, torch.device("cpu")), data="random")
+    model, opt = run.model, run.optimizer
     with torch.no_grad():  # the zero-initialized outputs would leave most matrices still
         for p in model.parameters():
             if p.ndim == 2 and not p.any():
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
-    cfg = load_config_for(["--lr", "0.02", "--ortho_fraction", "0.25"], optimizer)
-    cfg.compile = compile
-    opt = build_optimizer(build_param_groups(model, cfg), cfg)
     for group in opt.param_groups:
         group["ns_dtype"] = ns_dtype
     tokens = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(0))
