@@ -94,12 +94,9 @@ class Layout:
             "fs": [self.global_rank(dp, f, tp) for f in range(self.fs)],
             "tp": [self.global_rank(dp, fs, t) for t in range(self.tp)],
         }
-        if self.fsdp_enabled and self.tp_enabled:
-            distributed = [self.global_rank(dp, f, t) for f in range(self.fs) for t in range(self.tp)]
-        elif self.sharded:
-            distributed = groups["fs"] if self.fsdp_enabled else groups["tp"]
-        else:
-            distributed = list(range(self.world_size))
+        # A dimension of size 1 adds nothing to the product, so this is fs, tp or both.
+        blocks = [self.global_rank(dp, f, t) for f in range(self.fs) for t in range(self.tp)]
+        distributed = blocks if self.sharded else list(range(self.world_size))
         return {"distributed": distributed, **{k: v for k, v in groups.items() if len(v) > 1}}
 
     def build_mesh(self, device_type):
