@@ -19,7 +19,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from optimizers.hyperparameters import check_compressed_sync
-from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, lr_scale, row_blocks
+from optimizers.matrix_optimizer import MatrixOptimizer, as_matrices, cautious_decay, lr_scale, row_blocks
 from parallel.sharding import Block, per_matrix_zeros
 
 
@@ -87,18 +87,38 @@ def gather_slices(momenta, indices, flatten, rows):
 
 
 def decay_and_apply(
-    params, momenta, indices, selected, ortho, mu, lr, weight_decay, scale, full_decay, flatten, rows
+    params,
+    momenta,
+    indices,
+    selected,
+    ortho,
+    mu,
+    lr,
+    weight_decay,
+    scale,
+    full_decay,
+    cautious,
+    flatten,
+    rows,
 ):
     """M[K] <- mu M[K] (all of M with `full_decay`); W <- W (1 - lr wd); W[K] <- W[K] - lr
-    scale O, with K, M[K] and O per tensor; mu, lr and weight_decay may be 0-d tensors."""
+    scale O, with K, M[K] and O per tensor; mu, lr and weight_decay may be 0-d tensors. With
+    `cautious`, W[K] takes `cautious_decay`'s decay instead (the rest of W, whose update is
+    zero, the plain one)."""
     if full_decay:
         torch._foreach_mul_(momenta, mu)
     else:
         for momentum, index, values in zip(momenta, indices, selected, strict=True):
             put_slices(slice_view(momentum, flatten, rows), index, values * mu)
+    views = [slice_view(p, flatten, rows) for p in params]
+    if cautious:
+        kept = [take_slices(view, index) for view, index in zip(views, indices, strict=True)]
     torch._foreach_mul_(params, 1 - lr * weight_decay)
-    for p, index, update in zip(params, indices, ortho, strict=True):
-        add_slices(slice_view(p, flatten, rows), index, update * (-lr * scale))
+    for x, (view, index, update) in enumerate(zip(views, indices, ortho, strict=True)):
+        if cautious:
+            put_slices(view, index, cautious_decay(kept[x], update, lr, weight_decay) - update * (lr * scale))
+        else:
+            add_slices(view, index, update * (-lr * scale))
 
 
 def slice_ranges(span):
@@ -165,6 +185,10 @@ class Dion2(MatrixOptimizer):
         flatten=False,
         use_triton=False,
         use_polar_express=True,
+        use_gram_newton_schulz="auto",
+        cautious_wd=False,
+        scheduled_wd=False,
+        match_muon_rms=False,
         selection_scope="local",
         selection="l1",
         decay="selective",
@@ -185,6 +209,10 @@ class Dion2(MatrixOptimizer):
             "adjust_lr": adjust_lr,
             "flatten": flatten,
             "use_polar_express": use_polar_express,
+            "use_gram_newton_schulz": use_gram_newton_schulz,
+            "cautious_wd": cautious_wd,
+            "scheduled_wd": scheduled_wd,
+            "match_muon_rms": match_muon_rms,
             "selection_scope": selection_scope,
             "selection": selection,
             "decay": decay,
@@ -439,11 +467,21 @@ class Dion2(MatrixOptimizer):
             h[self.ef_decay_key],
             h["lr"],
             h["weight_decay"],
-            lr_scale(group["adjust_lr"], m, n),
+            lr_scale(group["adjust_lr"], m, n) * self._rms_factor(group, chosen[0].size(-1), slices, other),
             group["decay"] == "full",
+            group["cautious_wd"],
             flatten,
             rows,
         )
+
+    @staticmethod
+    def _rms_factor(group, k, slices, other):
+        """With `match_muon_rms`, the factor that gives the update Muon's RMS: O of k slices
+        has min(k, other) unit singular values where Muon's has min(slices, other), so the
+        factor is sqrt(min(slices, other) / min(k, other)), about 1 / sqrt(fraction)."""
+        if not group["match_muon_rms"]:
+            return 1.0
+        return math.sqrt(min(slices, other) / min(k, other))
 
     def selection_metrics(self):
         """The selection's diagnostics over all matrices: mean and least coverage, and the

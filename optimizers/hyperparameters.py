@@ -12,6 +12,8 @@ SELECTIONS = ("l1", "random")
 DECAYS = ("selective", "full")
 SCOPES = ("local", "global")
 QR_METHODS = ("cholesky_qr", "qr")
+# Newton-Schulz on the Gram matrix: always, never, or per shape by its cost (newton_schulz.gram_pays).
+GRAM_NEWTON_SCHULZ = (True, False, "auto")
 
 
 class Range(NamedTuple):
@@ -56,12 +58,15 @@ CHOICES = {
     "decay": DECAYS,
     "selection_scope": SCOPES,
     "qr_method": QR_METHODS,
+    "use_gram_newton_schulz": GRAM_NEWTON_SCHULZ,
 }
 
 
 def choice_text(choices):
-    """Choices as a config file writes them: null for None."""
-    return ", ".join("null" if c is None else str(c) for c in choices)
+    """Choices as a config file writes them: null for None, true and false for the booleans."""
+    return ", ".join(
+        "null" if c is None else str(c).lower() if isinstance(c, bool) else str(c) for c in choices
+    )
 
 
 def check_value(name, value, shown=None):

@@ -23,7 +23,7 @@ from optimizers.base import BaseOptimizer
 from optimizers.comm import Communicator
 from optimizers.comm_plan import exchange_sizes, replica_assignment, replica_sizes, replicated_share
 from optimizers.compiled import run_compiled
-from optimizers.newton_schulz import newton_schulz
+from optimizers.newton_schulz import newton_schulz, use_gram
 from parallel.process_group import mesh_group
 from parallel.sharding import (
     Block,
@@ -137,12 +137,28 @@ def default_ns_dtype(device):
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
+def decay_rate(group):
+    """The group's weight decay this step: `weight_decay`, times the lr schedule's factor
+    (lr / base_lr) with `scheduled_wd` (AdamC's correction), so that the decay lr wd falls
+    with the square of the factor rather than with the factor alone."""
+    if group.get("scheduled_wd") and group["base_lr"]:
+        return group["weight_decay"] * group["lr"] / group["base_lr"]
+    return group["weight_decay"]
+
+
+def cautious_decay(weights, updates, lr, weight_decay):
+    """W (1 - lr wd) where U W >= 0, W elsewhere: cautious weight decay, which leaves a weight
+    undecayed where the update pushes it away from zero (and decays it plainly where the
+    update is zero, as outside Dion2's selected slices)."""
+    return weights - weights * (updates * weights >= 0) * (lr * weight_decay)
+
+
 def apply_update(params, updates, lr, weight_decay, scale, cautious):
     """W <- W (1 - lr wd) - lr scale U on lists of tensors; lr and weight_decay may be 0-d
-    tensors. With `cautious`, decay only where the update also pulls the weight towards zero."""
+    tensors. With `cautious`, the decay is `cautious_decay`'s."""
     if cautious:
         for p, u in zip(params, updates, strict=True):
-            p.sub_(p * (u * p > 0) * (lr * weight_decay))
+            p.copy_(cautious_decay(p, u, lr, weight_decay))
     else:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_add_(params, torch._foreach_mul(updates, -lr * scale))
@@ -168,6 +184,9 @@ class MatrixOptimizer(BaseOptimizer):
                 f"{type(self).__name__}: use_triton=True needs the triton package, which is not installed"
             )
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            # The lr the schedule scales, for scheduled_wd; our training loop sets it itself.
+            group.setdefault("base_lr", group["lr"])
         self.use_triton = use_triton
         # How many buckets are in flight at once (1: one after another; see run_overlapped).
         self.overlap = 2
@@ -482,7 +501,8 @@ class MatrixOptimizer(BaseOptimizer):
         return pending.wait().to(stacked.dtype)
 
     def _newton_schulz(self, group, x, out_dtype=None):
-        """Newton-Schulz in the group's compute dtype, through the Triton kernels when they
+        """Newton-Schulz in the group's compute dtype, in the Gram form where the group's
+        `use_gram_newton_schulz` picks it for x's shape, through the Triton kernels when they
         were asked for and can run on x's device (otherwise PyTorch, with one warning)."""
         dtype = ns_dtype(group, x.device)
         use_triton = False
@@ -498,10 +518,11 @@ class MatrixOptimizer(BaseOptimizer):
                     stacklevel=3,
                 )
         polar = group["use_polar_express"]
+        gram = use_gram(group["use_gram_newton_schulz"], *x.shape[-2:], dtype, polar)
         if self.compile and not use_triton:  # the kernels run as they are, uncompiled
-            out = run_compiled(newton_schulz, x, polar, dtype, out_dtype)
+            out = run_compiled(newton_schulz, x, polar, dtype, out_dtype, False, gram)
         else:
-            out = newton_schulz(x, polar, dtype, out_dtype=out_dtype, use_triton=use_triton)
+            out = newton_schulz(x, polar, dtype, out_dtype, use_triton, gram)
         if self._orthogonality is not None:
             # Kept, not measured: a read here would make the host wait inside the overlapped
             # collectives. Whether the input is zero is kept too, since a rank whose share is
@@ -514,20 +535,21 @@ class MatrixOptimizer(BaseOptimizer):
         return run_compiled(fn, *args) if self.compile else fn(*args)
 
     def _hyperparameters(self, group, device, *names):
-        """The group's values of `names`: 0-d float32 tensors on `device` when compiling (so
-        that a scheduled lr does not recompile), plain numbers otherwise.
+        """The group's values of `names` (weight_decay as `decay_rate`): 0-d float32 tensors on
+        `device` when compiling (so that a scheduled lr does not recompile), plain numbers
+        otherwise.
 
         Each tensor is kept and refilled: a fill is an asynchronous kernel, where a new tensor
         made from a number is a host-to-device copy that waits for the device's queue.
         """
+        values = {name: decay_rate(group) if name == "weight_decay" else group[name] for name in names}
         if not self.compile:
-            return {name: group[name] for name in names}
-        values = {}
+            return values
         for name in names:
             key = (id(group), name, device)
             if key not in self._scalars:
                 self._scalars[key] = torch.zeros((), dtype=torch.float32, device=device)
-            values[name] = self._scalars[key].fill_(group[name])
+            values[name] = self._scalars[key].fill_(values[name])
         return values
 
     def _apply(self, group, params, updates, scale):

@@ -20,6 +20,12 @@ POLAR_EXPRESS = (
 )
 # Polar Express's coefficients assume the spectrum starts a little below 1.
 POLAR_EXPRESS_SAFETY = 1.02
+# After which steps (0-based) the Gram form restarts from X, by compute dtype.
+# In bf16 a rounding that makes an eigenvalue of R negative runs away at every later step; the
+# rule is measured in docs/results/newton_schulz_restarts.md.
+GRAM_RESTARTS = {torch.float32: (), torch.float64: (), torch.bfloat16: (1, 3)}
+# `auto` runs the Gram form where its FLOPs are at most this share of the plain form's.
+GRAM_PAYS = 0.7
 
 
 def coefficients(use_polar_express):
@@ -29,11 +35,42 @@ def coefficients(use_polar_express):
     return QUINTIC, 1.0, 1e-7
 
 
-def newton_schulz_flops(m, n, use_polar_express=True):
-    """The FLOPs of `newton_schulz` on one m x n matrix: per step, with X the wide orientation
-    (s x l, s <= l), A = X X^T (2 s^2 l), A A (2 s^3) and (b A + c A A) X (2 s^2 l)."""
+def gram_restarts(dtype):
+    """After which steps the Gram form restarts from X in `dtype`: GRAM_RESTARTS, and the
+    low-precision rule for dtypes it does not list."""
+    return GRAM_RESTARTS.get(dtype, GRAM_RESTARTS[torch.bfloat16])
+
+
+def newton_schulz_flops(m, n, use_polar_express=True, use_gram=False, dtype=torch.float32):
+    """The FLOPs of `newton_schulz` on one m x n matrix (X short x long), counting every product
+    as a full one. Plain, per step: A = X X^T and (b A + c A^2) X (2 s^2 l each), A^2 (2 s^3).
+    Gram with r restarts: R = X X^T and Q X once each and at each restart (2 s^2 l each); per
+    step R^2, per step but the first after a start Q <- P Q, and per step but the last and
+    the restarting ones R <- R P^2 (two products); every s x s product 2 s^3."""
     short, long = min(m, n), max(m, n)
-    return len(coefficients(use_polar_express)[0]) * (4 * short * short * long + 2 * short**3)
+    steps = len(coefficients(use_polar_express)[0])
+    if not use_gram:
+        return steps * (4 * short * short * long + 2 * short**3)
+    r = len(gram_restarts(dtype))
+    small_products = steps + (steps - 1 - r) + 2 * (steps - 1 - r)
+    return 4 * (1 + r) * short * short * long + 2 * small_products * short**3
+
+
+def gram_pays(m, n, dtype, use_polar_express=True):
+    """The `auto` rule: the Gram form where its FLOPs are at most GRAM_PAYS of the plain
+    form's (where the long side is at least about 3x the short one), in fp32 or fp64 only.
+    In bf16 the Gram form can run away on the ill-conditioned momenta of real training even
+    with restarts (a compiled bf16 step of a small GPT did), so `auto` keeps it plain there."""
+    if dtype.itemsize < 4:
+        return False
+    plain = newton_schulz_flops(m, n, use_polar_express)
+    return newton_schulz_flops(m, n, use_polar_express, True, dtype) <= GRAM_PAYS * plain
+
+
+def use_gram(setting, m, n, dtype, use_polar_express=True):
+    """Whether `use_gram_newton_schulz` = `setting` (True, False or "auto") runs an m x n
+    matrix in the Gram form."""
+    return gram_pays(m, n, dtype, use_polar_express) if setting == "auto" else setting
 
 
 def gram(x, block_rows=None):
@@ -72,12 +109,70 @@ def triton_products(X, b, c):
     return sym_gram(A, A, alpha=c, beta=b)
 
 
-def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None, use_triton=False):
+def torch_gram(x, y=None, alpha=1.0, beta=0.0):
+    """alpha x x^T + beta y (y symmetric), by `gram`: the signature of the Triton kernel's."""
+    out = gram(x)
+    if alpha != 1.0:
+        out.mul_(alpha)
+    return out if y is None else out.add_(y, alpha=beta)
+
+
+def triton_gram(x, y=None, alpha=1.0, beta=0.0):
+    """alpha x x^T + beta y (y symmetric) in the Triton kernel."""
+    from optimizers.triton_ns import sym_gram  # lazy: triton is optional
+
+    return sym_gram(x, y, alpha=alpha, beta=beta)
+
+
+def plain_steps(X, steps, use_triton):
+    """The iteration on X itself: each step multiplies the long side twice."""
+    products = triton_products if use_triton else torch_products
+    for a, b, c in steps:
+        X = torch.baddbmm(X, products(X, b, c), X, beta=a, alpha=1.0)
+    return X
+
+
+def gram_steps(X, steps, use_triton, restarts=()):
+    """The same iteration on the short side's Gram matrix R = X X^T.
+
+    Every step's factor P = a I + b R + c R^2 is a polynomial in R, so the steps multiply X
+    from the left by Q, the product of the Ps, and R evolves as P R P; the long side is
+    touched to form R and to apply Q at the end. Rounding breaks the commuting the
+    recurrence assumes, most in bf16: after each step in `restarts` X is rebuilt as Q X and
+    R from it. All products but Q's and R P^2 are symmetric (`gram` or the Triton kernel).
+    """
+    sym = triton_gram if use_triton else torch_gram
+    R, Q = sym(X), None
+    last = len(steps) - 1
+    for i, (a, b, c) in enumerate(steps):
+        P = sym(R, R, alpha=c, beta=b)
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = P if Q is None else torch.bmm(P, Q)
+        if i in restarts:
+            X, Q = torch.bmm(Q, X), None
+            R = sym(X)
+        elif i < last:
+            R = torch.bmm(R, sym(P))
+            R = R.add_(R.mT.clone()).mul_(0.5)  # symmetric again, as the next sym(R) assumes
+    return X if Q is None else torch.bmm(Q, X)
+
+
+def newton_schulz(
+    x,
+    use_polar_express=True,
+    dtype=torch.float32,
+    out_dtype=None,
+    use_triton=False,
+    use_gram=False,
+    restarts=None,
+):
     """Orthonormalize each matrix of x (..., m, n): returns about U V^T of its SVD.
 
     The work runs in `dtype`; the result is in `out_dtype` (default: x's dtype). Tall
     matrices are transposed so that X X^T is the smaller Gram matrix, and transposed back.
-    With `use_triton`, the two symmetric products of each step run in the Triton kernels.
+    With `use_triton`, the symmetric products run in the Triton kernels; with `use_gram`, the
+    steps run on the Gram matrix (`gram_steps`), restarted after `restarts` (default: the
+    dtype's GRAM_RESTARTS).
     """
     steps, safety, eps = coefficients(use_polar_express)
     tall = x.size(-2) > x.size(-1)
@@ -86,9 +181,10 @@ def newton_schulz(x, use_polar_express=True, dtype=torch.float32, out_dtype=None
     X /= torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * safety + eps
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
-    products = triton_products if use_triton else torch_products
-    for a, b, c in steps:
-        X = torch.baddbmm(X, products(X, b, c), X, beta=a, alpha=1.0)
+    if use_gram:
+        X = gram_steps(X, steps, use_triton, gram_restarts(dtype) if restarts is None else restarts)
+    else:
+        X = plain_steps(X, steps, use_triton)
     X = X.reshape(*batch_shape, *X.shape[-2:])
     return (X.mT if tall else X).to(out_dtype or x.dtype)
 

@@ -29,8 +29,11 @@ class OptimizerSpec(NamedTuple):
 
 
 COMMON = {"lr": "lr", "weight_decay": "weight_decay"}
+# The weight decay's variants, for every orthonormal optimizer.
+DECAY = {"cautious_wd": "cautious_wd", "scheduled_wd": "scheduled_wd"}
 NEWTON_SCHULZ = {
     "use_polar_express": "use_polar_express",
+    "use_gram_newton_schulz": "use_gram_newton_schulz",
     "use_triton": "use_triton",
     "ns_dtype": "ns_dtype",
     "compile": "compile",
@@ -41,16 +44,18 @@ NS_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 ARGUMENT_VALUES = {"ns_dtype": NS_DTYPES}
 MUON = {
     **COMMON,
+    **DECAY,
     **NEWTON_SCHULZ,
     "mu": "mu",
     "nesterov": "nesterov",
-    "cautious_wd": "cautious_wd",
     "adjust_lr": "adjust_lr",
 }
 DION2 = {
     **COMMON,
+    **DECAY,
     **NEWTON_SCHULZ,
     "ortho_fraction": "fraction",
+    "match_muon_rms": "match_muon_rms",
     "adjust_lr": "adjust_lr",
     "selection": "selection",
     "selection_scope": "selection_scope",
@@ -73,6 +78,7 @@ OPTIMIZERS = {
         Dion,
         {
             **COMMON,
+            **DECAY,
             "mu": "mu",
             "ortho_fraction": "rank_fraction",
             "seed": "seed",

@@ -25,7 +25,7 @@ from optimizers.comm_plan import (
     replica_sizes,
     replicated_share,
 )
-from optimizers.newton_schulz import newton_schulz_flops
+from optimizers.newton_schulz import newton_schulz_flops, use_gram
 from optimizers.registry import OPTIMIZERS, optimizer_arguments
 from optimizers.scalar import SCALAR_ALGORITHMS
 from parallel.sharding import Block
@@ -100,8 +100,10 @@ class StepPlanner:
         self.cfg, self.layout, self.rank = cfg, layout, rank
         self.cls = OPTIMIZERS[cfg.optimizer].cls
         self.arguments = optimizer_arguments(cfg.optimizer, to_dict(cfg))
-        self.ns_bytes = element_size(self.arguments.get("ns_dtype") or ns_dtype)
+        self.ns_dtype = self.arguments.get("ns_dtype") or ns_dtype
+        self.ns_bytes = element_size(self.ns_dtype)
         self.polar = self.arguments.get("use_polar_express", True)
+        self.gram = self.arguments.get("use_gram_newton_schulz", False)
         self.selection_runs = selection_runs or {}
         self.groups = layout.groups(rank)
         distributed = self.groups["distributed"]
@@ -122,7 +124,8 @@ class StepPlanner:
 
     def newton_schulz(self, count, m, n):
         """Newton-Schulz on `count` m x n matrices on this rank: its FLOPs."""
-        self.plan.ns_flops += count * newton_schulz_flops(m, n, self.polar)
+        gram = use_gram(self.gram, m, n, self.ns_dtype, self.polar)
+        self.plan.ns_flops += count * newton_schulz_flops(m, n, self.polar, gram, self.ns_dtype)
 
     def orthonormalize(self, count, m, n):
         """`MatrixOptimizer._orthonormalize` of `count` replicated m x n matrices."""

@@ -9,7 +9,8 @@ against theirs instead, interleaved in one process on the same inputs: Muon, Nor
 NorDion2 (fraction 0.25) at --model_dims (default 512 and 768), each side at its defaults and
 both with Newton-Schulz in fp32, eager on both sides (the reference compiles its Newton-Schulz
 by default), and with --compiled, compiled on both sides as an extra column (on a 2-core CPU
-the compiles take many minutes). Reported: the
+the compiles take many minutes); --modes picks the columns (`--modes fp32` alone skips the
+reference's bf16 steps, which a CPU without native bf16 takes minutes over). Reported: the
 minimum step over the timed steps, and ours / theirs. A step that takes over SLOW_STEP seconds
 is timed once, its warm-up step included: the reference's bf16 Newton-Schulz on a CPU without
 native bf16 takes minutes.
@@ -247,6 +248,13 @@ def main(argv=None):
     parser.add_argument(
         "--against", default=None, help="a microsoft/dion checkout or its dion package folder"
     )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=None,
+        help="with --against: the columns (default: defaults and fp32, and compiled with --compiled)",
+    )
     parser.add_argument("--compiled", action="store_true", help="with --against: add the compiled column")
     parser.add_argument("--write", default=None, help="also write the report to this results file (markdown)")
     args = parser.parse_args(argv)
@@ -264,7 +272,7 @@ def main(argv=None):
 def measure(args, device):
     """Time and report what the arguments ask for (see `main`)."""
     if args.against:
-        modes = MODES if args.compiled else MODES[:2]
+        modes = args.modes or (MODES if args.compiled else MODES[:2])
         dims = args.model_dims or [512, 768]
         results, own = against(args.against, dims, args.n_layer, args.steps, args.warmup, device, modes)
         report_against(results, own, modes, device)

@@ -21,7 +21,7 @@ When runs were scored on downstream tasks (scripts/evaluate.py), a second table 
 task's metrics (of each run's newest evaluation) the same way: mean, interval and p-value.
 
 Written to --out (default: the first folder given): comparison.md (also printed) and
-comparison.png.
+comparison.png; with --write FILE, the table also to that results file.
 """
 
 import argparse
@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 from scipy import stats
 
+from scripts.results import results_file
 from scripts.run_records import RunsError, load_runs, tail_train_loss
 
 CONFIDENCE = 0.95
@@ -269,13 +270,17 @@ def main(argv=None):
     parser.add_argument("--baseline", required=True, help="key=value pairs or the label of one configuration")
     parser.add_argument("--target", type=float, default=None, help="train loss for 'steps to target'")
     parser.add_argument("--out", type=Path, default=None, help="output folder; default: the first path")
+    parser.add_argument("--write", default=None, help="also write the table to this results file (markdown)")
     args = parser.parse_args(argv)
     table, measured, baseline, _, _ = comparison(load_runs(args.paths), args.baseline, args.target)
     out = args.out or (args.paths[0] if args.paths[0].is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(table)
     plot_comparison(measured, baseline, out / "comparison.png")
-    print(table, end="")
+    with results_file(
+        args.write, "compare_runs.py", sys.argv[1:] if argv is None else argv, None, markdown=True
+    ):
+        print(table, end="")
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.png'}")
 
 

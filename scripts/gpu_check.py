@@ -44,6 +44,7 @@ import sys
 import time
 import traceback
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -360,6 +361,40 @@ def make_check_160m(optimizer, steps):
     return check_160m
 
 
+# The wide buckets where the Gram form may pay: the MLP matrices, and Dion2's slices at fraction
+# 0.25 of the attention (1:4) and MLP (1:16) matrices, as (count, rows, cols).
+GRAM_BUCKETS = {
+    "160M": [(12, 768, 3072), (48, 192, 768), (24, 192, 3072)],
+    "1B": [(16, 2048, 8192), (64, 512, 2048), (32, 512, 8192)],
+}
+
+
+def check_gram_newton_schulz(device):
+    """The Gram form against the plain one in bf16 and fp32 on GRAM_BUCKETS: its orthogonality
+    error within 10% of plain's on Gaussian inputs, and the time of each (PyTorch)."""
+    from optimizers.newton_schulz import gram_pays, newton_schulz, orthogonality_error
+
+    parts = []
+    for model, buckets in GRAM_BUCKETS.items():
+        for count, m, n in buckets:
+            x = torch.randn(count, m, n, device=device)
+            for dtype in (torch.bfloat16, torch.float32):
+                calls = {
+                    gram: partial(newton_schulz, x, True, dtype, None, False, gram) for gram in (False, True)
+                }
+                errors = {gram: orthogonality_error(call()[0]) for gram, call in calls.items()}
+                worst = (errors[True] / errors[False]).max().item()
+                assert worst <= 1.1, f"{model} {count}x{m}x{n} {dtype}: Gram's error {worst:.2f}x plain's"
+                seconds = {k: statistics.median(t) for k, t in interleaved(calls, 5, 1, device).items()}
+                auto = "Gram" if gram_pays(m, n, dtype) else "plain"
+                parts.append(
+                    f"{model} {count}x{m}x{n} {str(dtype)[6:]}: plain {seconds[False] * 1e3:.1f} ms, Gram "
+                    f"{seconds[True] * 1e3:.1f} ms, error {worst:.2f}x, auto {auto}"
+                )
+            del x
+    return "; ".join(parts)
+
+
 def checks(steps):
     """{name: check}: each takes the device and returns a detail line (or a row's columns)."""
     found = {
@@ -367,6 +402,7 @@ def checks(steps):
         "triton newton-schulz": check_triton_newton_schulz,
         "triton launch placement": check_triton_launch_placement,
         "triton bf16 timing": check_triton_bf16_timing,
+        "gram newton-schulz": check_gram_newton_schulz,
         "bf16 autocast": check_bf16_autocast,
         "fsdp bf16 1 rank": check_fsdp_mixed_precision,
         "cuda rng": check_cuda_rng,

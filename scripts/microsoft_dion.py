@@ -74,17 +74,18 @@ def polar_express_fp32(G, epsilon=1e-6):
     return X
 
 
-def build(reference, algorithm, side, params, fp32, fraction=0.25, lr=0.02, compile=False):
+def build(reference, algorithm, side, params, fp32, fraction=0.25, lr=0.02, compile=False, gram="auto"):
     """`algorithm` on `params`, ours (side "ours") or theirs ("theirs"), at the side's defaults
     or (with `fp32`) with Newton-Schulz in fp32; ours compiles with `compile` (theirs compiles
-    unless dynamo is disabled)."""
+    unless dynamo is disabled) and takes `use_gram_newton_schulz=gram` (theirs runs its plain
+    Newton-Schulz)."""
     options = {"lr": lr}
     if algorithm in SELECTING:
         options["fraction"] = fraction
     if side == "ours":
         if fp32:
             options["ns_dtype"] = torch.float32
-        return OURS[algorithm](params, compile=compile, **options)
+        return OURS[algorithm](params, compile=compile, use_gram_newton_schulz=gram, **options)
     if fp32:
         options["newton_schulz_func"] = polar_express_fp32
     return getattr(reference, THEIRS[algorithm])(params, **options)

@@ -50,8 +50,11 @@ OTHER_VALUES = {
     "decay": "full",
     "adjust_lr": "rms_norm",
     "nesterov": ("true", "--optimizer", "muon"),
-    "cautious_wd": ("true", "--optimizer", "muon"),
+    "cautious_wd": "true",
+    "scheduled_wd": "true",
+    "match_muon_rms": "true",
     "use_polar_express": "false",
+    "use_gram_newton_schulz": "true",
     "ns_dtype": "bf16",
     "muon_beta2": ("0.9", "--optimizer", "nordion2"),
     "ortho_per_head": "true",
@@ -117,6 +120,17 @@ def test_types_are_checked(argv, message):
 def test_yaml_types_are_checked(yaml_file):
     with pytest.raises(ConfigError, match="model_dim must be int"):
         load_config(["--config", yaml_file("model_dim: '768'\n")])
+
+
+def test_a_key_of_a_boolean_or_a_word_takes_both():
+    assert load_config(["--use_gram_newton_schulz", "false"]).use_gram_newton_schulz is False
+    assert load_config(["--use_gram_newton_schulz", "auto"]).use_gram_newton_schulz == "auto"
+    with pytest.raises(
+        ConfigError, match="use_gram_newton_schulz must be one of true, false, auto, got 'maybe'"
+    ):
+        load_config(["--use_gram_newton_schulz", "maybe"])
+    with pytest.raises(ConfigError, match="use_gram_newton_schulz must be one of true, false, auto, got '1'"):
+        load_config(["--use_gram_newton_schulz", "1"])
 
 
 def test_string_keys_keep_the_text():

@@ -9,11 +9,21 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from optimizers import AdamWLion, Dion, Dion2, Dion3, Muon, NorDion2, NorMuon
 from optimizers.dion import orthonormalize_columns
 from optimizers.dion2 import num_selected
-from optimizers.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_SAFETY, QUINTIC, gram, newton_schulz
+from optimizers.newton_schulz import (
+    POLAR_EXPRESS,
+    POLAR_EXPRESS_SAFETY,
+    QUINTIC,
+    gram,
+    newton_schulz,
+    newton_schulz_flops,
+    orthogonality_error,
+    use_gram,
+)
 
 SHAPES = [(32, 32), (24, 40), (40, 24), (3, 16, 24)]  # square, wide, tall, a batch of matrices
 # Where the singular values of a well-conditioned input end up after 5 steps.
@@ -42,28 +52,35 @@ def ref_muon(w, g, m, lr, mu, wd, nesterov=False, adjust_lr="spectral_norm", cau
     m = mu * m + g
     u = g + mu * m if nesterov else m
     o = ref_newton_schulz(u)
-    decay = lr * wd * w * ((o * w > 0) if cautious else 1)
+    decay = lr * wd * w * ((o * w >= 0) if cautious else 1)
     return w - decay - lr * ref_scale(w.shape, adjust_lr) * o, m
 
 
-def ref_dion2(w, g, m, lr, fraction, mu, wd, rows=None, decay="selective"):
-    """Algorithm 1, on the shorter side. `rows` forces the selection (for random)."""
+def ref_dion2(w, g, m, lr, fraction, mu, wd, rows=None, decay="selective", cautious=False, rms=False):
+    """Algorithm 1, on the shorter side. `rows` forces the selection (for random). With
+    `cautious`, the selected rows decay only where O W >= 0; with `rms`, the update has Muon's
+    RMS: O times sqrt(min(m, n) / min(k, n)), the ratio of the two's unit singular values."""
     scale = ref_scale(w.shape)
+    options = (rows, decay, scale, cautious, rms)
     if w.shape[0] > w.shape[1]:  # select columns: run the row rule on the transposes
-        w_t, m_t = ref_dion2_rows(w.T, g.T, m.T, lr, fraction, mu, wd, rows, decay, scale)
+        w_t, m_t = ref_dion2_rows(w.T, g.T, m.T, lr, fraction, mu, wd, *options)
         return w_t.T, m_t.T
-    return ref_dion2_rows(w, g, m, lr, fraction, mu, wd, rows, decay, scale)
+    return ref_dion2_rows(w, g, m, lr, fraction, mu, wd, *options)
 
 
-def ref_dion2_rows(w, g, m, lr, fraction, mu, wd, rows, decay, scale):
+def ref_dion2_rows(w, g, m, lr, fraction, mu, wd, rows, decay, scale, cautious=False, rms=False):
     m = m + g
     k = math.ceil(fraction * w.shape[0])
     if rows is None:
         rows = m.abs().sum(dim=1).topk(k).indices.sort().values
     o = ref_newton_schulz(m[rows])
+    if rms:
+        o = o * math.sqrt(min(w.shape) / min(k, w.shape[1]))
     m = m * mu if decay == "full" else m.index_copy(0, rows, m[rows] * mu)
-    w = w * (1 - lr * wd)
-    w = w.index_add(0, rows, -lr * scale * o)
+    decayed = w * (1 - lr * wd)
+    if cautious:
+        decayed[rows] = w[rows] - lr * wd * w[rows] * (o * w[rows] >= 0)
+    w = decayed.index_add(0, rows, -lr * scale * o)
     return w, m
 
 
@@ -91,13 +108,15 @@ def ref_nordion2(w, g, m, v, lr, fraction, mu, wd, beta2, eps, rows=None, decay=
     return w, m, v
 
 
-def ref_dion(w, g, m, q, lr, mu, wd):
+def ref_dion(w, g, m, q, lr, mu, wd, cautious=False):
     m = m + g
     p, _ = torch.linalg.qr(m @ q)
     r = m.T @ p
     m = m - (1 - mu) * p @ r.T
     q = r / r.norm(dim=0, keepdim=True)
-    return w * (1 - lr * wd) - lr * math.sqrt(w.shape[0] / w.shape[1]) * p @ q.T, m, q
+    update = p @ q.T
+    decay = lr * wd * w * ((update * w >= 0) if cautious else 1)
+    return w - decay - lr * math.sqrt(w.shape[0] / w.shape[1]) * update, m, q
 
 
 def ref_lion(w, g, m, lr, beta1, beta2, wd):
@@ -136,6 +155,79 @@ def test_newton_schulz_matches_the_reference_and_the_band():
         s = torch.linalg.svdvals(newton_schulz(torch.randn(64, 256, generator=gen), polar_express))
         low, high = BAND[polar_express]
         assert low < s.min() and s.max() < high
+
+
+@pytest.mark.parametrize("polar_express", [True, False])
+@pytest.mark.parametrize("restarts", [(), (0, 2), (1, 3)])
+def test_gram_newton_schulz_matches_the_reference(polar_express, restarts):
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 16, 64), (2, 64, 16), (1, 24, 40)]:
+        x = torch.randn(shape, generator=gen)
+        fast = newton_schulz(x, polar_express, use_gram=True, restarts=restarts)
+        for i in range(shape[0]):
+            torch.testing.assert_close(
+                fast[i].double(), ref_newton_schulz(x[i], polar_express), atol=5e-5, rtol=0
+            )
+
+
+def ill_conditioned(m, n, condition, generator):
+    """An m x n matrix (m <= n) with singular values spaced in log from 1 to 1 / condition."""
+    u = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, m, generator=generator, dtype=torch.float64)).Q
+    return ((u * torch.logspace(0, -math.log10(condition), m, dtype=torch.float64)) @ v.T).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(192, 768), (192, 3072)])  # the 160M model's Dion2 slices at 0.25
+def test_gram_newton_schulz_is_as_orthonormal_as_the_plain_form(dtype, shape):
+    """The Gram form's RMS and largest |sigma - 1| within 10% of the plain form's, on a
+    Gaussian and an ill-conditioned input (condition number 1e4)."""
+    gen = torch.Generator().manual_seed(0)
+    for x in (torch.randn(shape, generator=gen), ill_conditioned(*shape, 1e4, gen)):
+        plain, gram_form = newton_schulz(x, dtype=dtype), newton_schulz(x, dtype=dtype, use_gram=True)
+        assert (orthogonality_error(gram_form) <= 1.1 * orthogonality_error(plain)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("polar_express", [True, False])
+def test_newton_schulz_flops_count_every_product(dtype, polar_express):
+    # Below 128 rows `gram` is one full bmm, so the counter sees every product at full cost.
+    for shape, use_gram_form in [((2, 24, 96), True), ((2, 96, 24), True), ((2, 32, 48), False)]:
+        with FlopCounterMode(display=False) as counter:
+            newton_schulz(torch.randn(shape), polar_express, dtype, use_gram=use_gram_form)
+        expected = shape[0] * newton_schulz_flops(*shape[1:], polar_express, use_gram_form, dtype)
+        assert counter.get_total_flops() == expected
+
+
+def test_auto_picks_the_gram_form_where_it_costs_less():
+    assert not use_gram("auto", 768, 768, torch.float32)  # square: plain
+    assert use_gram("auto", 768, 3072, torch.float32) and use_gram("auto", 3072, 768, torch.float32)
+    assert not use_gram("auto", 192, 3072, torch.bfloat16)  # bf16: never, unless forced
+    assert use_gram(True, 192, 3072, torch.bfloat16)
+    assert use_gram(True, 768, 768, torch.float32) and not use_gram(False, 192, 3072, torch.float32)
+    for m, n in [(64, 64), (64, 128), (64, 192), (64, 256), (64, 1024)]:
+        cheaper = newton_schulz_flops(m, n, use_gram=True) < newton_schulz_flops(m, n)
+        assert not use_gram("auto", m, n, torch.float32) or cheaper
+
+
+@pytest.mark.parametrize("cls", [Muon, NorMuon, Dion2, NorDion2])
+def test_every_newton_schulz_optimizer_takes_the_gram_form(cls):
+    """The Gram form's steps equal the plain form's (each checked against its reference
+    above), on a wide and a tall matrix and a batch of them; NorMuon's and NorDion2's
+    division by the rows' second moments magnifies fp32 rounding a little."""
+    shapes = [(16, 64), (64, 16), (2, 16, 64)]
+    runs = []
+    for gram_setting in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = cls(params, lr=0.05, use_gram_newton_schulz=gram_setting)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append(params)
+    for plain, gram_form in zip(*runs, strict=True):
+        torch.testing.assert_close(gram_form, plain, atol=3e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -197,6 +289,65 @@ def test_dion2_l1_matches_reference(shape, fraction, decay):
             w, m = ref_dion2(w, matrices(g)[i].double(), m, 0.05, fraction, 0.9, 0.1, decay=decay)
         torch.testing.assert_close(matrices(p)[i].double(), w, atol=1e-5, rtol=0)
         torch.testing.assert_close(matrices(momentum)[i].double(), m, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 16, 24)])
+@pytest.mark.parametrize("options", [{"cautious_wd": True}, {"match_muon_rms": True}])
+def test_dion2_options_match_reference(shape, options):
+    kwargs = {"lr": 0.05, "fraction": 0.25, "ef_decay": 0.9, "weight_decay": 0.1, **options}
+    start, grads, p, _ = run_steps(Dion2, shape, steps=3, **kwargs)
+    for i in range(len(matrices(start))):
+        w, m = matrices(start)[i].double(), torch.zeros(shape[-2:], dtype=torch.float64)
+        for g in grads:
+            w, m = ref_dion2(
+                w,
+                matrices(g)[i].double(),
+                m,
+                0.05,
+                0.25,
+                0.9,
+                0.1,
+                cautious=options.get("cautious_wd", False),
+                rms=options.get("match_muon_rms", False),
+            )
+        torch.testing.assert_close(matrices(p)[i].double(), w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [Dion2, NorDion2])
+def test_matching_muons_rms_scales_the_update_by_about_one_over_root_fraction(cls):
+    """The scaled update's RMS is Muon's, about 1 / sqrt(fraction) times the paper's."""
+    rms = {}
+    for name, cls_, options in [
+        ("plain", cls, {}),
+        ("matched", cls, {"match_muon_rms": True}),
+        ("muon", Muon, {}),
+    ]:
+        start, _, p, _ = run_steps(cls_, (64, 256), steps=1, lr=0.05, weight_decay=0, **options)
+        rms[name] = (p - start).square().mean().sqrt()
+    assert rms["matched"] / rms["plain"] == pytest.approx(2.0, rel=1e-4)  # fraction 0.25
+    assert rms["matched"] == pytest.approx(rms["muon"], rel=0.05)
+
+
+@pytest.mark.parametrize("cls", [Muon, NorMuon, Dion2, NorDion2, Dion])
+def test_scheduled_weight_decay_follows_the_schedule(cls):
+    """With scheduled_wd, steps at half the base lr decay as a plain run with half the weight
+    decay; the same steps without it do not."""
+    runs = {}
+    for name, options in [
+        ("scheduled", {"scheduled_wd": True}),
+        ("half", {"weight_decay": 0.1}),
+        ("plain", {}),
+    ]:
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(8, 16, generator=gen))
+        opt = cls([p], **{"lr": 0.1, "weight_decay": 0.2, **options})
+        for _ in range(2):
+            opt.param_groups[0]["lr"] = 0.05  # the schedule at half its peak
+            p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs[name] = p.detach()
+    torch.testing.assert_close(runs["scheduled"], runs["half"], atol=1e-6, rtol=0)
+    assert (runs["scheduled"] - runs["plain"]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -452,10 +603,17 @@ def test_bad_row_blocks(option, message):
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (16, 16)])
-@pytest.mark.parametrize("rank_fraction", [1.0, 0.25])
-def test_dion_matches_reference(shape, rank_fraction):
+@pytest.mark.parametrize(("rank_fraction", "cautious"), [(1.0, False), (0.25, False), (0.25, True)])
+def test_dion_matches_reference(shape, rank_fraction, cautious):
     start, grads, p, opt = run_steps(
-        Dion, shape, steps=3, lr=0.05, mu=0.9, weight_decay=0.1, rank_fraction=rank_fraction
+        Dion,
+        shape,
+        steps=3,
+        lr=0.05,
+        mu=0.9,
+        weight_decay=0.1,
+        rank_fraction=rank_fraction,
+        cautious_wd=cautious,
     )
     assert opt.param_groups[0]["qr_method"] == "cholesky_qr"
     # The reference starts from the same Q, read from a fresh optimizer's state.
@@ -463,7 +621,7 @@ def test_dion_matches_reference(shape, rank_fraction):
     q = next(iter(fresh.state.values()))["q"][0].double()
     w, m = start.double(), torch.zeros(shape, dtype=torch.float64)
     for g in grads:
-        w, m, q = ref_dion(w, g.double(), m, q, 0.05, 0.9, 0.1)
+        w, m, q = ref_dion(w, g.double(), m, q, 0.05, 0.9, 0.1, cautious)
     torch.testing.assert_close(p.double(), w, atol=1e-5, rtol=0)
     torch.testing.assert_close(opt.state[p]["momentum"].double(), m, atol=1e-5, rtol=0)
 
@@ -609,6 +767,10 @@ def test_parameters_without_grad_are_untouched(cls, kwargs):
         (lambda p: Dion2([p], fraction=1.5), r"fraction must lie in \(0, 1\], got 1.5"),
         (lambda p: Dion2([p], selection="top"), "selection must be one of l1, random, got 'top'"),
         (lambda p: Dion2([p], decay="half"), "decay must be one of selective, full, got 'half'"),
+        (
+            lambda p: Muon([p], use_gram_newton_schulz="yes"),
+            "use_gram_newton_schulz must be one of true, false, auto, got 'yes'",
+        ),
         (lambda p: Muon([p], adjust_lr="fan_in"), "adjust_lr must be one of spectral_norm, rms_norm, null"),
         (lambda p: NorDion2([p], mu=1.0), r"mu must lie in \[0, 1\), got 1.0"),
         (lambda p: NorDion2([p], muon_beta2=-0.1), r"muon_beta2 must lie in \[0, 1\)"),

@@ -163,8 +163,8 @@ def test_bench_newton_schulz_runs_every_contender_it_can(capsys):
         ["--shape", "8", "20", "--batch", "2", "--dtype", "fp32", "--steps", "2", "--warmup", "1"]
     )
     out = capsys.readouterr().out
-    assert "Newton-Schulz of 2 x 8 x 20 in fp32 on cpu, median of 2 calls" in out
-    for name in ("pytorch", "torch.compile"):
+    assert "Newton-Schulz of 2 x 8 x 20 in fp32 on cpu, median of 2 calls; Gram / plain FLOPs 0.73" in out
+    for name in ("pytorch", "torch.compile", "pytorch gram", "torch.compile gram"):
         assert re.search(rf"^{re.escape(name)}\s+[\d.]+\s+[\d.]+$", out, re.M), name
 
 

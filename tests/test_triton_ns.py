@@ -28,6 +28,17 @@ def test_newton_schulz_through_the_kernels_matches_pytorch(shape):
     torch.testing.assert_close(newton_schulz(x, use_triton=True), newton_schulz(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("restarts", [(), (0, 2)])
+def test_the_gram_form_through_the_kernels_matches_pytorch(restarts):
+    from optimizers.newton_schulz import newton_schulz
+
+    x = torch.randn(2, 12, 50, generator=torch.Generator().manual_seed(3))
+    kernels = newton_schulz(x, use_triton=True, use_gram=True, restarts=restarts)
+    torch.testing.assert_close(
+        kernels, newton_schulz(x, use_gram=True, restarts=restarts), rtol=1e-4, atol=1e-4
+    )
+
+
 def muon_step(use_triton, compile=False):
     from optimizers import Muon
 

@@ -89,9 +89,28 @@ class TrainConfig:
         "spectral_norm", "the lr scale of a matrix update: `spectral_norm`, `rms_norm` or `null`"
     )
     nesterov: bool = key(False, "Nesterov momentum (Muon, NorMuon)")
-    cautious_wd: bool = key(False, "weight decay only where update and weight agree in sign (Muon, NorMuon)")
+    cautious_wd: bool = key(
+        False,
+        "the matrices' weight decay only where update and weight agree in sign (u w >= 0), as in the "
+        "reference; not with adamw",
+    )
+    scheduled_wd: bool = key(
+        False,
+        "the matrices' weight decay times the lr schedule's factor each step (AdamC): the decay lr wd "
+        "falls with the factor's square; not with adamw",
+    )
+    match_muon_rms: bool = key(
+        False,
+        "Dion2, NorDion2: scale the update to Muon's RMS, by sqrt(min(m, n) / min(k, other side)), about "
+        "1 / sqrt(ortho_fraction) (docs/optimizers.md); off is the paper's recipe",
+    )
     use_polar_express: bool = key(
         True, "Newton-Schulz with Polar Express coefficients, or the classic quintic"
+    )
+    use_gram_newton_schulz: bool | str = key(
+        "auto",
+        "Newton-Schulz on the short side's Gram matrix: `true`, `false`, or `auto` (per matrix shape, "
+        "where it costs fewer FLOPs: docs/optimizers.md)",
     )
     ns_dtype: str = key(
         "auto",
@@ -253,11 +272,13 @@ def _check_type(key, value, source):
     if float in allowed and isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value):
         return float(value)
     # bool is a subclass of int in Python, but True is never a valid count or rate.
-    if isinstance(value, bool) == (bool in allowed):
-        if float in allowed and isinstance(value, int):
-            return float(value)
-        if any(t is not type(None) and isinstance(value, t) for t in allowed):
+    if isinstance(value, bool):
+        if bool in allowed:
             return value
+    elif float in allowed and isinstance(value, int):
+        return float(value)
+    elif any(t not in (type(None), bool) and isinstance(value, t) for t in allowed):
+        return value
     names = _type_names(allowed)
     raise ConfigError(f"{source}: {key} must be {names}, got {value!r} ({type(value).__name__})")
 
@@ -291,10 +312,12 @@ def _parse_flags(argv):
             continue
         if key not in KEYS:
             raise ConfigError(f"command line: unknown key '--{key}'{_closest(key)}")
-        # A string key keeps the text as typed ("001" stays "001"); others parse as YAML.
-        is_str = str in _allowed_types(key)
+        # A string key keeps the text as typed ("001" stays "001"), unless it takes a boolean
+        # too and the text is one; others parse as YAML.
+        allowed = _allowed_types(key)
         parsed = yaml.safe_load(value) if value else None
-        overrides[key] = value if is_str and parsed is not None else parsed
+        keeps_text = str in allowed and not (bool in allowed and isinstance(parsed, bool))
+        overrides[key] = value if keeps_text and parsed is not None else parsed
     return config_path, overrides
 
 
