@@ -24,8 +24,9 @@ POLAR_EXPRESS_SAFETY = 1.02
 # In bf16 a rounding that makes an eigenvalue of R negative runs away at every later step; the
 # rule is measured in docs/results/newton_schulz_restarts.md.
 GRAM_RESTARTS = {torch.float32: (), torch.float64: (), torch.bfloat16: (1, 3)}
-# `auto` runs the Gram form where its FLOPs are at most this share of the plain form's.
-GRAM_PAYS = 0.7
+# `auto` runs the Gram form where its FLOPs are at most this share of the plain form's: on
+# the CPU its time follows its FLOPs, 1.1x faster at 0.84 (docs/results/bench_newton_schulz_gram_cpu.md).
+GRAM_PAYS = 0.85
 
 
 def coefficients(use_polar_express):
@@ -58,7 +59,7 @@ def newton_schulz_flops(m, n, use_polar_express=True, use_gram=False, dtype=torc
 
 def gram_pays(m, n, dtype, use_polar_express=True):
     """The `auto` rule: the Gram form where its FLOPs are at most GRAM_PAYS of the plain
-    form's (where the long side is at least about 3x the short one), in fp32 or fp64 only.
+    form's (where the long side is at least 2x the short one), in fp32 or fp64 only.
     In bf16 the Gram form can run away on the ill-conditioned momenta of real training even
     with restarts (a compiled bf16 step of a small GPT did), so `auto` keeps it plain there."""
     if dtype.itemsize < 4:
