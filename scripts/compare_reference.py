@@ -17,6 +17,7 @@ import sys
 import torch
 
 from scripts.microsoft_dion import ALGORITHMS, SELECTING, build, import_reference
+from scripts.results import results_file
 
 SHAPES = {"wide": (64, 160), "tall": (160, 64), "square": (96, 96), "mlp": (64, 256)}
 # The command line's values of use_gram_newton_schulz.
@@ -60,8 +61,17 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--min_cosine", type=float, default=0.999)
     parser.add_argument("--use_gram_newton_schulz", choices=GRAM, default="auto", help="ours only")
+    parser.add_argument("--write", default=None, help="also write the report to this results file (markdown)")
     args = parser.parse_args(argv)
     rows = compare(import_reference(args.against), args.steps, gram=GRAM[args.use_gram_newton_schulz])
+    with results_file(args.write, "compare_reference.py", sys.argv[1:] if argv is None else argv, "cpu"):
+        worst = report(rows, args)
+    if worst < args.min_cosine:
+        sys.exit(1)
+
+
+def report(rows, args):
+    """Print every cosine and the lowest; returns the lowest."""
     print(
         f"cosine of the {args.steps}-step weight change, ours (use_gram_newton_schulz "
         f"{args.use_gram_newton_schulz}) against microsoft/dion (fp32 Newton-Schulz)"
@@ -72,8 +82,7 @@ def main(argv=None):
         print(f"{algorithm:<10} {shown:>8} {name:<8} {cosine:>9.6f}")
     worst = min(rows, key=lambda row: row[3])
     print(f"lowest cosine {worst[3]:.6f} ({worst[0]}, {worst[2]}); required >= {args.min_cosine}")
-    if worst[3] < args.min_cosine:
-        sys.exit(1)
+    return worst[3]
 
 
 if __name__ == "__main__":
