@@ -25,7 +25,7 @@ POLAR_EXPRESS_SAFETY = 1.02
 # rule is measured in docs/results/newton_schulz_restarts.md.
 GRAM_RESTARTS = {torch.float32: (), torch.float64: (), torch.bfloat16: (1, 3)}
 # `auto` runs the Gram form where its FLOPs are at most this share of the plain form's: on
-# the CPU its time follows its FLOPs, 1.1x faster at 0.84 (docs/results/bench_newton_schulz_gram_cpu.md).
+# the CPU its time follows its FLOPs (docs/results/bench_newton_schulz_gram_cpu.md).
 GRAM_PAYS = 0.85
 
 
@@ -96,20 +96,6 @@ def gram(x, block_rows=None):
     return out
 
 
-def torch_products(X, b, c):
-    """b A + c A^2 with A = X X^T; A is symmetric, so A^2 = A A^T."""
-    A = gram(X)
-    return gram(A).mul_(c).add_(A, alpha=b)
-
-
-def triton_products(X, b, c):
-    """b A + c A^2 with A = X X^T, both products in the Triton kernel."""
-    from optimizers.triton_ns import sym_gram  # lazy: triton is optional
-
-    A = sym_gram(X)
-    return sym_gram(A, A, alpha=c, beta=b)
-
-
 def torch_gram(x, y=None, alpha=1.0, beta=0.0):
     """alpha x x^T + beta y (y symmetric), by `gram`: the signature of the Triton kernel's."""
     out = gram(x)
@@ -126,10 +112,12 @@ def triton_gram(x, y=None, alpha=1.0, beta=0.0):
 
 
 def plain_steps(X, steps, use_triton):
-    """The iteration on X itself: each step multiplies the long side twice."""
-    products = triton_products if use_triton else torch_products
+    """The iteration on X itself: each step multiplies the long side twice. A = X X^T is
+    symmetric, so b A + c A^2 = b A + c A A^T is one symmetric product too."""
+    sym = triton_gram if use_triton else torch_gram
     for a, b, c in steps:
-        X = torch.baddbmm(X, products(X, b, c), X, beta=a, alpha=1.0)
+        A = sym(X)
+        X = torch.baddbmm(X, sym(A, A, alpha=c, beta=b), X, beta=a, alpha=1.0)
     return X
 
 
