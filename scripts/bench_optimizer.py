@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from optimizers import Dion2, Muon
+from optimizers.dion2 import num_selected
 from optimizers.matrix_optimizer import default_ns_dtype
-from optimizers.newton_schulz import coefficients, gram
+from optimizers.newton_schulz import coefficients, gram, newton_schulz_flops, use_gram
 from scripts.results import results_file
 from scripts.timing import interleaved
 
@@ -67,6 +68,21 @@ def oriented_stacks(shapes, device, dtype, generator):
         key = (min(m, n), max(m, n))
         counts[key] = counts.get(key, 0) + 1
     return [torch.randn(c, m, n, generator=generator).to(device, dtype) for (m, n), c in counts.items()]
+
+
+def ns_flops(algorithm, shapes, dtype, fraction=0.25, gram="auto"):
+    """The Newton-Schulz FLOPs of one step of `algorithm` (one of AGAINST) on `shapes` in
+    `dtype`, every product counted whole, in the form `gram` picks (False: the plain form, as
+    the reference runs it). A selecting optimizer orthonormalizes its k x other slices."""
+    from scripts.microsoft_dion import OURS, SELECTING
+
+    total = 0
+    for m, n in shapes:
+        if algorithm in SELECTING:
+            slices, other = (m, n) if OURS[algorithm].selects_rows(m, n) else (n, m)
+            m, n = num_selected(fraction, slices), other
+        total += newton_schulz_flops(m, n, True, use_gram(gram, m, n, dtype), dtype)
+    return total
 
 
 def make_contender(build, shapes, device, generator):
@@ -153,15 +169,22 @@ def against(path, model_dims, n_layer, steps, warmup, device, modes, seed=0):
 def report_against(results, own, modes, device):
     """The table of ours against theirs, and our own targets at the default dtype."""
     print(f"optimizer.step() against microsoft/dion on {device}: minimum step in ms, ours / theirs")
+    print(
+        "(flops: ours / theirs of Newton-Schulz's FLOPs in that column's dtype, every product counted whole)"
+    )
     header = f"{'model_dim':>9} {'optimizer':<9}"
     for mode in modes:
-        header += f" {mode + ' ours':>14} {'theirs':>10} {'ratio':>6}"
+        header += f" {mode + ' ours':>14} {'theirs':>10} {'ratio':>6} {'flops':>6}"
     print(header)
     for dim, algorithm in dict.fromkeys((d, a) for d, a, _ in results):
         line = f"{dim:>9} {algorithm:<9}"
+        shapes = gpt_matrix_shapes(dim, 1)
         for mode in modes:
             t = results[(dim, algorithm, mode)]
+            dtype = torch.float32 if mode == "fp32" else default_ns_dtype(device)
+            flops = ns_flops(algorithm, shapes, dtype) / ns_flops(algorithm, shapes, dtype, gram=False)
             line += f" {t['ours'] * 1e3:>14.1f} {t['theirs'] * 1e3:>10.1f} {t['ours'] / t['theirs']:>5.2f}x"
+            line += f" {flops:>5.2f}x"
         print(line)
     for dim, times in own.items():
         muon = statistics.median(times["muon"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scripts.bench_newton_schulz import main as bench_newton_schulz
-from scripts.bench_optimizer import gpt_matrix_shapes
+from scripts.bench_optimizer import gpt_matrix_shapes, ns_flops
 from scripts.bench_optimizer import main as bench_optimizer
 from scripts.bench_train import peak_tflops
 from scripts.bench_train import report as bench_train_report
@@ -20,6 +20,18 @@ from tests.conftest import REPO
 
 def test_gpt_matrix_shapes():
     assert gpt_matrix_shapes(8, 2) == [(8, 8)] * 8 + [(32, 8), (8, 32)] * 2
+
+
+def test_ns_flops_counts_the_slices_each_optimizer_orthonormalizes():
+    fp32 = torch.float32
+    # Muon: the whole 64 x 16 matrix, 1:4, in the Gram form: 4 s^2 l + 2 (17 s^3).
+    assert ns_flops("muon", [(64, 16)], fp32) == 4 * 16 * 16 * 64 + 34 * 16**3
+    # Dion2 selects 4 of the 16 columns: a 4 x 64 slice, Gram; plain 5 (4 s^2 l + 2 s^3).
+    assert ns_flops("dion2", [(64, 16)], fp32) == 4 * 4 * 4 * 64 + 34 * 4**3
+    assert ns_flops("dion2", [(64, 16)], fp32, gram=False) == 5 * (4 * 4 * 4 * 64 + 2 * 4**3)
+    # NorDion2 selects 16 of the 64 rows: a square 16 x 16 slice, plain in either setting.
+    assert ns_flops("nordion2", [(64, 16)], fp32) == ns_flops("nordion2", [(64, 16)], fp32, gram=False)
+    assert ns_flops("nordion2", [(64, 16)], fp32) == 5 * 6 * 16**3
 
 
 def test_bench_optimizer_prints_the_table_and_ratios(tmp_path, capsys):
@@ -277,7 +289,7 @@ def test_bench_optimizer_against_a_reference_prints_every_pair_and_ratio(fake_di
     for name in ("muon", "normuon", "dion2", "nordion2"):
         pairs = [results[(16, name, mode)] for mode in ("defaults", "fp32")]
         cells = "".join(
-            rf"\s+{t['ours'] * 1e3:.1f}\s+{t['theirs'] * 1e3:.1f}\s+{t['ours'] / t['theirs']:.2f}x"
+            rf"\s+{t['ours'] * 1e3:.1f}\s+{t['theirs'] * 1e3:.1f}\s+{t['ours'] / t['theirs']:.2f}x\s+[\d.]+x"
             for t in pairs
         )
         assert re.search(rf"^\s+16 {name}\s*{cells}$", out, flags=re.M), name
