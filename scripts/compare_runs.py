@@ -1,4 +1,4 @@
-"""Compare configurations over their seeds, with confidence intervals and Welch t-tests.
+"""Compare configurations over their seeds, with confidence intervals and Welch or paired t-tests.
 
     python scripts/compare_runs.py runs/repro_cpu --baseline optimizer=muon
     python scripts/compare_runs.py runs --baseline "ortho_fraction=0.25,selection=l1,decay=selective" \\
@@ -17,6 +17,12 @@ their seed are one configuration. `--baseline` names one configuration by key=va
   training steps had taken as long as the fastest run's whole training (the sum of
   `step_time`, which leaves out evaluation and checkpoints).
 
+With `--paired`, each configuration's runs are paired with the baseline's by seed (a seed sets
+the initial weights, and every run reads the same data in the same order): each measure gets
+the mean paired difference with its 95% interval, the paired t-test's p-value and, beside it,
+the exact sign-flip permutation p-value (all 2^n flips of n pairs), whose floor of 2 / 2^n the
+table states.
+
 When runs were scored on downstream tasks (scripts/evaluate.py), a second table gives each
 task's metrics (of each run's newest evaluation) the same way: mean, interval and p-value.
 
@@ -30,6 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy
 import yaml
 from scipy import stats
 
@@ -65,6 +72,79 @@ def welch(values, baseline):
     result = stats.ttest_ind(values, baseline, equal_var=False)
     interval = result.confidence_interval(CONFIDENCE)
     return difference, float(interval.low), float(interval.high), float(result.pvalue)
+
+
+def sign_flip_p(differences, alternative="two-sided"):
+    """The exact permutation p-value of the mean of paired differences: the share of all 2^n
+    sign flips whose mean is at least as extreme (scipy's permutation_test, every flip)."""
+    result = stats.permutation_test(
+        (numpy.asarray(differences, dtype=float),),
+        lambda d, axis: numpy.mean(d, axis=axis),
+        permutation_type="samples",
+        n_resamples=math.inf,
+        vectorized=True,
+        alternative=alternative,
+    )
+    return float(result.pvalue)
+
+
+def sign_flip_floor(pairs, alternative="two-sided"):
+    """The smallest p-value `sign_flip_p` can give with `pairs` pairs: every difference of one
+    sign is one flip of 2^n (two of them two-sided)."""
+    return (2 if alternative == "two-sided" else 1) / 2**pairs
+
+
+def paired(values, baseline):
+    """The comparison of `values` with `baseline` paired by position (the same seed): (mean
+    difference, its 95% interval low, high, the paired t-test's p-value, the sign-flip p-value);
+    nan where there are fewer than 2 pairs, and no t-test where the differences do not vary."""
+    differences = [v - b for v, b in zip(values, baseline, strict=True)]
+    mean = statistics.mean(differences)
+    if len(differences) < 2:
+        return mean, math.nan, math.nan, math.nan, math.nan
+    flips = sign_flip_p(differences)
+    if statistics.variance(differences) == 0:
+        return mean, mean, mean, math.nan, flips
+    result = stats.ttest_rel(values, baseline)
+    interval = result.confidence_interval(CONFIDENCE)
+    return mean, float(interval.low), float(interval.high), float(result.pvalue), flips
+
+
+def equivalence(values, baseline, margin):
+    """Two one-sided paired tests (TOST) that the mean difference lies within (-margin, margin):
+    (mean difference, its 90% interval low, high, the larger one-sided t p-value, the larger
+    one-sided sign-flip p-value). The interval lies within the margin exactly when the t
+    p-value is below 0.05."""
+    differences = [v - b for v, b in zip(values, baseline, strict=True)]
+    mean, n = statistics.mean(differences), len(differences)
+    sem = statistics.stdev(differences) / math.sqrt(n)
+    low, high = stats.t.interval(1 - 2 * (1 - CONFIDENCE), n - 1, loc=mean, scale=sem)
+    above = stats.ttest_1samp(differences, -margin, alternative="greater").pvalue
+    below = stats.ttest_1samp(differences, margin, alternative="less").pvalue
+    flips = max(
+        sign_flip_p([d + margin for d in differences], "greater"),
+        sign_flip_p([d - margin for d in differences], "less"),
+    )
+    return mean, float(low), float(high), float(max(above, below)), flips
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment, in the order given: the i-th smallest p-value (from 0) times
+    (m - i), made non-decreasing in that order and capped at 1; nan counts as 1."""
+    p = [1.0 if math.isnan(x) else x for x in pvalues]
+    adjusted, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(sorted(range(len(p)), key=p.__getitem__)):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def seed_pairs(group, baseline):
+    """The runs of `group` and of `baseline` with a seed in common, in order of seed."""
+    base = {r["config"].get("seed"): r for r in baseline}
+    mine = {r["config"].get("seed"): r for r in group}
+    seeds = sorted(set(base) & set(mine))
+    return [mine[s] for s in seeds], [base[s] for s in seeds]
 
 
 def smoothed_train_loss(records):
@@ -153,6 +233,17 @@ def _p_cell(values, baseline, is_baseline):
     return "-" if math.isnan(p) else f"{p:.3g}"
 
 
+def _paired_cells(values, baseline, is_baseline):
+    """[difference [95% CI], "t p / sign-flip p"] of seed-paired values."""
+    if is_baseline:
+        return ["baseline", "-"]
+    if len(values) < 2:
+        return ["-", "-"]
+    difference, low, high, p, flips = paired(values, baseline)
+    t = "-" if math.isnan(p) else f"{p:.3g}"
+    return [f"{difference:+.4f} [{low:+.4f}, {high:+.4f}]", f"{t} / {flips:.3g}"]
+
+
 def downstream_table(groups, baseline):
     """Markdown lines: per configuration, each downstream metric over the seeds that were
     scored, with the p-value against the baseline; [] when no run was scored."""
@@ -194,8 +285,9 @@ def downstream_table(groups, baseline):
     return lines
 
 
-def comparison(runs, baseline_name, target=None):
-    """(markdown table, {label: measures}, baseline label, target, seconds) for the runs."""
+def comparison(runs, baseline_name, target=None, pair=False):
+    """(markdown table, {label: measures}, baseline label, target, seconds) for the runs; with
+    `pair`, the tests are paired by seed."""
     runs = [r for r in runs if r["val"]]
     if not runs:
         raise RunsError("no run has a validation loss yet")
@@ -205,28 +297,49 @@ def comparison(runs, baseline_name, target=None):
         target = statistics.mean(tail_train_loss(r["records"]) for r in groups[baseline])
     seconds = min(sum(x["step_time"] for x in r["records"]) for r in runs)
     measured = {label: measures(group, target, seconds) for label, group in groups.items()}
-    base = measured[baseline]
+    if pair:
+        pairs = {label: seed_pairs(group, groups[baseline]) for label, group in groups.items()}
+        n = min(len(mine) for mine, _ in pairs.values())
+        test = (
+            f"paired by seed: the mean difference from the baseline [its 95% interval]; p: the paired "
+            f"t-test / the exact sign-flip test, whose floor with {n} pairs is {sign_flip_floor(n):.3g}"
+        )
+        tested = ("difference [95% CI]", "p: t / flips")
+    else:
+        test = "p: Welch's t-test against the baseline"
+        tested = ("p",)
     lines = [
-        f"Over seeds: mean [95% confidence interval]; p: Welch's t-test against the baseline, "
-        f"{baseline}. Target train loss {target:.4f}; equal time {seconds:.1f} s of training steps.",
+        f"Over seeds: mean [95% confidence interval]; {test}; the baseline: {baseline}. Target train "
+        f"loss {target:.4f}; equal time {seconds:.1f} s of training steps.",
         "",
-        "| configuration | seeds | final val loss | p | train loss, last quarter | p "
-        "| steps to target (reached) | train loss at equal time | p |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | seeds | final val loss | "
+        + " | ".join(tested)
+        + " | train loss, last quarter | "
+        + " | ".join(tested)
+        + " | steps to target (reached) | train loss at equal time | "
+        + " | ".join(tested)
+        + " |",
+        "|---|---:|" + "---:|" * (3 * (1 + len(tested)) + 1),
     ]
     for label, values in measured.items():
         column = {key: [v[key] for v in values] for key in values[0]}
-        base_column = {key: [v[key] for v in base] for key in base[0]}
+        if pair:
+            mine, base = pairs[label]
+            mine, base = measures(mine, target, seconds), measures(base, target, seconds)
+        else:
+            mine, base = values, measured[baseline]
         reached = [s for s in column["steps"] if s is not None]
         steps = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(values)})" if reached else "never"
         cells = [label, str(len(values))]
-        for key in ("val", "train"):
-            cells += [_interval_cell(column[key]), _p_cell(column[key], base_column[key], label == baseline)]
-        cells += [
-            steps,
-            _interval_cell(column["at_time"]),
-            _p_cell(column["at_time"], base_column["at_time"], label == baseline),
-        ]
+        for key in ("val", "train", "at_time"):
+            if key == "at_time":
+                cells.append(steps)
+            mine_values, base_values = [v[key] for v in mine], [v[key] for v in base]
+            cells.append(_interval_cell(column[key]))
+            if pair:
+                cells += _paired_cells(mine_values, base_values, label == baseline)
+            else:
+                cells.append(_p_cell(mine_values, base_values, label == baseline))
         lines.append("| " + " | ".join(cells) + " |")
     lines += downstream_table(groups, baseline)
     return "\n".join(lines) + "\n", measured, baseline, target, seconds
@@ -269,10 +382,15 @@ def main(argv=None):
     parser.add_argument("paths", nargs="+", type=Path, help="run folders or folders with runs beneath them")
     parser.add_argument("--baseline", required=True, help="key=value pairs or the label of one configuration")
     parser.add_argument("--target", type=float, default=None, help="train loss for 'steps to target'")
+    parser.add_argument(
+        "--paired", action="store_true", help="pair the runs by seed (paired t and sign flips)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder; default: the first path")
     parser.add_argument("--write", default=None, help="also write the table to this results file (markdown)")
     args = parser.parse_args(argv)
-    table, measured, baseline, _, _ = comparison(load_runs(args.paths), args.baseline, args.target)
+    table, measured, baseline, _, _ = comparison(
+        load_runs(args.paths), args.baseline, args.target, args.paired
+    )
     out = args.out or (args.paths[0] if args.paths[0].is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(table)

@@ -72,6 +72,71 @@ def test_welch_against_a_hand_computation():
     assert (low > 0) == (p < 0.05)
 
 
+# Student's t, 95% quantiles (one-sided 0.05), from a printed table.
+T_95 = {2: 2.919986}
+
+
+def test_paired_against_a_hand_computation():
+    values, baseline = [2.2, 2.4, 2.25], [2.0, 2.1, 2.3]
+    differences = [0.2, 0.3, -0.05]
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    t = mean / (sd / math.sqrt(3))
+    difference, low, high, p, flips = compare_runs.paired(values, baseline)
+    assert difference == pytest.approx(mean)
+    assert p == pytest.approx(two_sided_p(t, 2), abs=1e-6)
+    half = T_975[2] * sd / math.sqrt(3)
+    assert (low, high) == pytest.approx((mean - half, mean + half), rel=1e-6)
+    # The 8 sign flips of (0.2, 0.3, -0.05) have means 0.45/3, 0.15/3, ...: |mean| >= 0.45/3 for
+    # (+,+,-) as given, its negation, (+,+,+) and (-,-,-): 4 of 8.
+    assert flips == pytest.approx(4 / 8)
+
+
+def test_the_sign_flip_floor_is_reached_when_every_difference_has_one_sign():
+    for n in (3, 4, 5):
+        differences = [0.1 * (i + 1) for i in range(n)]
+        assert compare_runs.sign_flip_p(differences) == pytest.approx(compare_runs.sign_flip_floor(n))
+        assert compare_runs.sign_flip_floor(n) == 2 / 2**n
+        assert compare_runs.sign_flip_p(differences, "greater") == pytest.approx(1 / 2**n)
+    assert compare_runs.sign_flip_floor(5, "greater") == 1 / 32
+
+
+def test_equivalence_is_two_one_sided_tests():
+    values, baseline = [1.0, 1.02, 0.99, 1.01], [1.0, 1.0, 1.0, 1.0]
+    differences = [0.0, 0.02, -0.01, 0.01]
+    mean, sem = statistics.mean(differences), statistics.stdev(differences) / 2
+    difference, low, high, p, flips = compare_runs.equivalence(values, baseline, 0.05)
+    assert difference == pytest.approx(mean)
+    # The larger one-sided p is the upper test's: (mean - 0.05) / sem, one tail.
+    t_upper = (mean - 0.05) / sem
+    assert p == pytest.approx(two_sided_p(t_upper, 3) / 2, abs=1e-6)
+    # Every difference lies within the margin on both sides: each one-sided flip test is at its floor.
+    assert flips == pytest.approx(1 / 16)
+    # A margin the differences exceed: p above 0.05, and the 90% interval reaches past it.
+    _, low, high, p, _ = compare_runs.equivalence(values, baseline, 0.01)
+    assert p > 0.05 and high > 0.01
+    _, low3, high3, _, _ = compare_runs.equivalence([1.1, 1.3, 0.95], [1.0, 1.0, 1.0], 0.5)
+    half = T_95[2] * statistics.stdev([0.1, 0.3, -0.05]) / math.sqrt(3)
+    assert (low3, high3) == pytest.approx((0.35 / 3 - half, 0.35 / 3 + half), rel=1e-6)
+
+
+def test_holm_against_a_hand_computation():
+    # sorted 0.01, 0.02, 0.03, 0.2: times 4, 3, 2, 1 -> 0.04, 0.06, 0.06 (kept non-decreasing), 0.2
+    assert compare_runs.holm([0.03, 0.01, 0.2, 0.02]) == pytest.approx([0.06, 0.04, 0.2, 0.06])
+    assert compare_runs.holm([0.5, float("nan")]) == pytest.approx([1.0, 1.0])
+    assert compare_runs.holm([0.3, 0.4]) == pytest.approx([0.6, 0.6])
+
+
+def test_the_paired_table_pairs_by_seed(runs, tmp_path):
+    table = compare_runs.comparison(load_runs([runs]), "optimizer=muon", pair=True)[0]
+    # Dion2's seed 3 has no Muon run to pair with: seeds 0, 1, 2 pair.
+    difference, low, high, p, flips = compare_runs.paired(DION2[:3], MUON)
+    row = next(line for line in table.splitlines() if line.startswith("| optimizer=dion2"))
+    assert f"| {difference:+.4f} [{low:+.4f}, {high:+.4f}] | {p:.3g} / {flips:.3g} |" in row
+    assert "whose floor with 3 pairs is 0.25" in table
+    compare_runs.main([str(runs), "--baseline", "optimizer=muon", "--paired", "--out", str(tmp_path / "p")])
+    assert (tmp_path / "p" / "comparison.md").read_text() == table
+
+
 def test_the_table_and_its_measures(runs, tmp_path):
     table, measured, baseline, target, seconds = compare_runs.comparison(load_runs([runs]), "optimizer=muon")
     assert baseline == "optimizer=muon"
