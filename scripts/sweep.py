@@ -37,6 +37,7 @@ import yaml
 from scripts import evaluate
 from scripts.run_records import load_evaluation
 from scripts.sweep_launchers import (
+    REPO,
     LaunchError,
     command,
     device_slots,
@@ -51,7 +52,8 @@ from training.checkpoint import list_checkpoints
 from training.config import KEYS, ConfigError, foreign_keys, load_config, to_dict
 from training.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+# REPO, sweep_launchers': the checkout whose train.py the launchers run. The sweep reads its
+# configs and runs there too, even where `scripts` comes from another checkout's editable install.
 SWEEP_KEYS = ("base", "overrides", "grid")
 # The sweep names and places every run, and resumes it when asked to: a sweep file sets none of these.
 OWNED_KEYS = ("run_name", "runs_dir", "resume")

@@ -185,97 +185,92 @@ def test_runs_are_found_at_any_depth(tmp_path, capsys):
 
 
 def table_rows(text, name):
-    """The cells of each row of the table in section `name` of a report, header left out."""
+    """The cells of each row of the first table in section `name` of a report, header left out."""
     section = text.split(f"<!-- report:{name} -->\n")[1].split(f"<!-- /report:{name} -->")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
 
 
-def test_the_reproduction_report_fills_the_doc(tmp_path):
-    points = [{"optimizer": "muon"}] + [
-        {"ortho_fraction": f, "selection": s, "decay": "selective"}
-        for f in (0.5, 0.25, 0.125)
-        for s in ("l1", "random")
-    ]
-    points.append({"ortho_fraction": 0.25, "selection": "l1", "decay": "full"})
+# The long sweep's points, and each one's final val loss above Muon's 2.0 by seed: claim 1's steps
+# are clearly worse, random equals l1 within far less than the margin, full decay is better.
+LONG_POINTS = (
+    ({"optimizer": "muon"}, (0.0, 0.01, -0.01)),
+    ({"ortho_fraction": 0.5}, (0.05, 0.06, 0.05)),
+    ({"ortho_fraction": 0.25}, (0.10, 0.11, 0.101)),
+    ({"ortho_fraction": 0.125}, (0.15, 0.161, 0.15)),
+    ({"ortho_fraction": 0.25, "selection": "random"}, (0.1001, 0.1099, 0.1012)),
+    ({"ortho_fraction": 0.125, "selection": "random"}, (0.1501, 0.1608, 0.1499)),
+    ({"ortho_fraction": 0.25, "decay": "full"}, (0.05, 0.061, 0.05)),
+    ({"ortho_fraction": 0.25, "match_muon_rms": True}, (0.02, 0.03, 0.02)),
+)
 
-    def run_records(i, seed):
-        # Point i's losses sit (0.01 i + 0.003 seed) x the quarter above the others': every row
-        # of every table, and every quarter of a difference, has a value of its own.
-        offset = 0.01 * i + 0.003 * seed
-        out = records(2.0, steps=20)
-        for r in out:
-            quarter = math.ceil(r["step"] / 5)
-            r["train_loss"] += offset * quarter
-            if r["step"] % 5 == 0:
-                r.update({"val_loss": 2.0 + offset * quarter, "ortho_error/4x8": 0.1 + 0.01 * i})
-                r.update(
-                    {f"{k}/matrix": 1e-3 * (i + 1) for k in ("update_rms", "weight_rms", "momentum_norm")}
-                )
-                if i:  # Dion2's selection diagnostics
-                    r.update(
-                        selection_coverage_mean=0.5 + 0.05 * i,
-                        selection_coverage_min=0.1 * i,
-                        selection_longest_wait=i + seed,
-                    )
-        return out
 
-    for i, point in enumerate(points):
-        for seed in (0, 1):
-            fake_run(tmp_path / "runs", f"{i}_{seed}", run_records(i, seed), seed=seed, **point)
+def long_records(final, steps=20):
+    """A run whose val loss reaches 2 + `final` at the end, measured at every quarter."""
+    out = records(2.0, steps=steps)
+    for r in out:
+        r.pop("val_loss", None)
+        if r["step"] % (steps // 4) == 0:
+            r["val_loss"] = 2.0 + final * r["step"] / steps
+            r["update_rms/matrix"], r["ortho_error/4x8"] = 1e-3, 0.1
+    return out
+
+
+def test_the_long_report_applies_the_plan(tmp_path):
+    base = {"num_iterations": 20, "selection": "l1", "decay": "selective", "match_muon_rms": False}
+    for i, (point, finals) in enumerate(LONG_POINTS):
+        for seed, final in enumerate(finals):
+            fake_run(tmp_path / "runs", f"{i}_{seed}", long_records(final), **{**base, **point, "seed": seed})
+    fake_run(tmp_path / "runs", "unfinished", long_records(0.0, steps=8), **{**base, "seed": 9})
+    reproduction_report.main(["records", str(tmp_path / "runs"), str(tmp_path / "records")])
+    assert len(list((tmp_path / "records").glob("*.json"))) == 24  # the unfinished run left out
+    names = ("long_primary", "long_quarters", "long_runs", "long_exploratory", "long_diagnostics")
     doc = tmp_path / "doc.md"
-    names = ("comparison", "fractions", "selection", "decay", "diagnostics")
     doc.write_text("".join(f"# {n}\n<!-- report:{n} -->\nold\n<!-- /report:{n} -->\n" for n in names))
-    reproduction_report.main([str(tmp_path / "runs"), "--doc", str(doc), "--out", str(tmp_path / "out")])
+    argv = ["report", str(tmp_path / "records"), "--doc", str(doc), "--out", str(tmp_path / "out")]
+    reproduction_report.main(argv)
     text = doc.read_text()
-    assert "old" not in text
-
-    def offset(i):  # the mean over the two seeds
-        return 0.01 * i + 0.0015
-
-    labels = ["optimizer=muon"] + [
-        "optimizer=dion2, " + ", ".join(f"{k}={v}" for k, v in point.items()) for point in points[1:]
+    primary = table_rows(text, "long_primary")
+    finals = {tuple(sorted(p.items())): f for p, f in LONG_POINTS}
+    l1_05, l1_025 = finals[(("ortho_fraction", 0.5),)], finals[(("ortho_fraction", 0.25),)]
+    difference, low, high, p, flips = compare_runs.paired([2 + x for x in l1_025], [2 + x for x in l1_05])
+    tests = [reproduction_report.PRIMARY[k][1] for k in range(5)]
+    assert primary[0][:4] == ["1", tests[0], "difference", f"{difference:+.4f} [{low:+.4f}, {high:+.4f}]"]
+    assert primary[0][4] == f"{p:.3g}" and primary[0][6] == f"{flips:.3g}"
+    # Holm over the five: the first test's adjusted p is its p times its rank's factor, at least.
+    assert float(primary[0][5]) >= p
+    # The margin: 0.25% of Muon's mean final loss, 2.0.
+    assert "+-0.0050" in text
+    verdicts = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
+    assert verdicts == [
+        "| 1 | a smaller fraction is worse | **reproduced** |",
+        "| 2 | l1 and random selection are about equal | **reproduced** |",
+        "| 3 | decaying the whole momentum is worse | **not reproduced** |",
     ]
-    comparison = table_rows(text, "comparison")
-    assert [row[0] for row in comparison] == labels
-    for i, row in enumerate(comparison):
-        assert row[1] == "2" and row[2].startswith(f"{2.0 + 4 * offset(i):.4f} ["), row
-    # (name, minuend point, subtrahend point) of each difference, in the order of its table.
-    differences = {
-        "fractions": [("l1 0.25 - l1 0.5", 3, 1), ("l1 0.125 - l1 0.5", 5, 1), ("l1 0.5 - Muon", 1, 0)],
-        "selection": [(f"random {f} - l1 {f}", i + 1, i) for f, i in ((0.5, 1), (0.25, 3), (0.125, 5))],
-        "decay": [("full - selective, l1 0.25", 7, 3)],
-    }
-    for name, compared in differences.items():
-        expected = [
-            [label, str(q), f"{(offset(a) - offset(b)) * q:+.4f}"]
-            for label, a, b in compared
-            for q in (1, 2, 3, 4)
-        ]
-        rows = table_rows(text, name)
-        assert [[row[0], row[1], row[2].split(" [")[0]] for row in rows] == expected, name
-        assert all(row[2].split(" [")[0] == row[4].split(" [")[0] for row in rows), name  # train = val here
-    # Full decay's runs are 0.04 above those of l1 at 0.25 in the first quarter, both with seeds 0.003
-    # apart: a difference's standard error of 0.003 / sqrt(2), and t = 4.303 at 2 degrees of freedom.
-    assert table_rows(text, "decay")[0][:4] == [
-        "full - selective, l1 0.25",
-        "1",
-        "+0.0400 [+0.0309, +0.0491]",
-        "0.0028",
-    ]
-    diagnostics = table_rows(text, "diagnostics")
-    assert [row[0] for row in diagnostics] == labels
-    for i, row in enumerate(diagnostics):
-        coverage = f"{0.5 + 0.05 * i:.3f} / {0.1 * i:.3f}" if i else "-"
-        wait = f"{i + 0.5:.0f}" if i else "-"
-        assert row[1:] == [coverage, wait, f"{0.1 + 0.01 * i:.3f}", f"{1e-3 * (i + 1):.2e}"], row
-    assert {p.name for p in (tmp_path / "out").glob("*.png")} == {
-        "comparison.png",
-        "effects.png",
-        "val_loss.png",
-        "diagnostics.png",
-    }
-    doc.write_text("no sections")
-    with pytest.raises(RunsError, match="has no section <!-- report:comparison -->"):
-        reproduction_report.main([str(tmp_path / "runs"), "--doc", str(doc), "--out", str(tmp_path / "o2")])
-    assert doc.read_text() == "no sections" and not (tmp_path / "o2").exists()
+    quarters = table_rows(text, "long_quarters")
+    assert len(quarters) == 5 * 4 and [row[1] for row in quarters[:4]] == ["1", "2", "3", "4"]
+    assert len(table_rows(text, "long_runs")) == 8
+    assert len(table_rows(text, "long_exploratory")) == len(reproduction_report.EXPLORATORY) * 4
+    assert "![validation loss of the long sweep](out/val_loss.png)" in text
+    assert (tmp_path / "out" / "val_loss.png").stat().st_size > 0
+    assert (tmp_path / "out" / "effects.png").stat().st_size > 0
+
+
+def test_claim_2_is_not_reproduced_only_when_an_interval_lies_outside_the_margin():
+    def test(low, high, adjusted):
+        return {"claim": 2, "difference": (low + high) / 2, "interval_95": (low, high), "adjusted": adjusted}
+
+    verdict = reproduction_report.verdict
+    assert verdict(2, [test(-0.001, 0.001, 0.01), test(-0.002, 0.001, 0.02)], 0.005) == "reproduced"
+    assert verdict(2, [test(-0.001, 0.001, 0.01), test(-0.002, 0.009, 0.3)], 0.005) == "not established"
+    assert verdict(2, [test(-0.001, 0.001, 0.01), test(0.006, 0.02, 1.0)], 0.005) == "not reproduced"
+
+
+def test_a_claim_of_worse_is_not_established_without_every_test():
+    def test(difference, adjusted):
+        return {"claim": 1, "difference": difference, "adjusted": adjusted}
+
+    verdict = reproduction_report.verdict
+    assert verdict(1, [test(0.02, 0.01), test(0.03, 0.2)], 0.005) == "not established"
+    assert verdict(1, [test(0.02, 0.01), test(-0.03, 0.04)], 0.005) == "not reproduced"
+    assert verdict(1, [test(0.02, 0.01), test(0.03, 0.04)], 0.005) == "reproduced"
