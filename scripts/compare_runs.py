@@ -114,9 +114,11 @@ def equivalence(values, baseline, margin):
     """Two one-sided paired tests (TOST) that the mean difference lies within (-margin, margin):
     (mean difference, its 90% interval low, high, the larger one-sided t p-value, the larger
     one-sided sign-flip p-value). The interval lies within the margin exactly when the t
-    p-value is below 0.05."""
+    p-value is below 0.05. nan where there are fewer than 2 pairs or the differences do not vary."""
     differences = [v - b for v, b in zip(values, baseline, strict=True)]
     mean, n = statistics.mean(differences), len(differences)
+    if n < 2 or statistics.variance(differences) == 0:  # no spread: no t-test
+        return mean, math.nan, math.nan, math.nan, math.nan
     sem = statistics.stdev(differences) / math.sqrt(n)
     low, high = stats.t.interval(1 - 2 * (1 - CONFIDENCE), n - 1, loc=mean, scale=sem)
     above = stats.ttest_1samp(differences, -margin, alternative="greater").pvalue

@@ -120,9 +120,10 @@ def test_equivalence_is_two_one_sided_tests():
 
 
 def test_holm_against_a_hand_computation():
-    # sorted 0.01, 0.02, 0.03, 0.2: times 4, 3, 2, 1 -> 0.04, 0.06, 0.06 (kept non-decreasing), 0.2
+    # sorted 0.01, 0.02, 0.03, 0.2: times 4, 3, 2, 1 -> 0.04, 0.06, 0.06, 0.2
     assert compare_runs.holm([0.03, 0.01, 0.2, 0.02]) == pytest.approx([0.06, 0.04, 0.2, 0.06])
     assert compare_runs.holm([0.5, float("nan")]) == pytest.approx([1.0, 1.0])
+    # sorted 0.3, 0.4: times 2, 1 -> 0.6, 0.4, kept non-decreasing: 0.6, 0.6
     assert compare_runs.holm([0.3, 0.4]) == pytest.approx([0.6, 0.6])
 
 
@@ -237,8 +238,35 @@ def test_the_long_report_applies_the_plan(tmp_path):
     tests = [reproduction_report.PRIMARY[k][1] for k in range(5)]
     assert primary[0][:4] == ["1", tests[0], "difference", f"{difference:+.4f} [{low:+.4f}, {high:+.4f}]"]
     assert primary[0][4] == f"{p:.3g}" and primary[0][6] == f"{flips:.3g}"
-    # Holm over the five: the first test's adjusted p is its p times its rank's factor, at least.
-    assert float(primary[0][5]) >= p
+
+    # Holm over the five, by hand: the i-th smallest p times (5 - i), never below the one before.
+    def final(**point):
+        return [2 + x for x in finals[tuple(sorted(point.items()))]]
+
+    l1 = {f: final(ortho_fraction=f) for f in (0.5, 0.25, 0.125)}
+    ps = [
+        compare_runs.paired(l1[0.25], l1[0.5])[3],
+        compare_runs.paired(l1[0.125], l1[0.25])[3],
+        *(
+            compare_runs.equivalence(final(ortho_fraction=f, selection="random"), l1[f], 0.005)[3]
+            for f in (0.25, 0.125)
+        ),
+        compare_runs.paired(final(ortho_fraction=0.25, decay="full"), l1[0.25])[3],
+    ]
+    adjusted, running = {}, 0.0
+    for rank, i in enumerate(sorted(range(5), key=ps.__getitem__)):
+        running = max(running, min(1.0, (5 - rank) * ps[i]))
+        adjusted[i] = running
+    assert [row[4] for row in primary[:5]] == [f"{p:.3g}" for p in ps]
+    assert [row[5] for row in primary[:5]] == [f"{adjusted[i]:.3g}" for i in range(5)]
+    # Test 3, random 0.25 - l1 0.25, is an equivalence test: its 90% interval, by Student's t.
+    rand = [
+        r - x
+        for r, x in zip(finals[(("ortho_fraction", 0.25), ("selection", "random"))], l1_025, strict=True)
+    ]
+    half = T_95[2] * statistics.stdev(rand) / math.sqrt(3)
+    mean = statistics.mean(rand)
+    assert primary[2][3] == f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
     # The margin: 0.25% of Muon's mean final loss, 2.0.
     assert "+-0.0050" in text
     verdicts = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
@@ -254,6 +282,19 @@ def test_the_long_report_applies_the_plan(tmp_path):
     assert "![validation loss of the long sweep](out/val_loss.png)" in text
     assert (tmp_path / "out" / "val_loss.png").stat().st_size > 0
     assert (tmp_path / "out" / "effects.png").stat().st_size > 0
+
+
+def test_the_long_report_refuses_configurations_without_every_seed(tmp_path):
+    base = {"num_iterations": 20, "selection": "l1", "decay": "selective", "match_muon_rms": False}
+    for i, (point, finals) in enumerate(LONG_POINTS):
+        for seed, final in enumerate(finals[: 2 if i == 3 else 3]):
+            fake_run(tmp_path / "runs", f"{i}_{seed}", long_records(final), **{**base, **point, "seed": seed})
+    reproduction_report.main(["records", str(tmp_path / "runs"), str(tmp_path / "records")])
+    doc = tmp_path / "doc.md"
+    doc.write_text("untouched")
+    with pytest.raises(RunsError, match=r"needs seeds \[0, 1, 2\]; these lack some: .*0.125.*seeds \[0, 1\]"):
+        reproduction_report.main(["report", str(tmp_path / "records"), "--doc", str(doc)])
+    assert doc.read_text() == "untouched"
 
 
 def test_claim_2_is_not_reproduced_only_when_an_interval_lies_outside_the_margin():
