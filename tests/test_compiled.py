@@ -25,7 +25,8 @@ MANY_SHAPES = [(8 + 4 * i, 24) for i in range(7)] + [(24, 10 + 4 * i) for i in r
 @pytest.fixture(
     params=[
         pytest.param(True, id="isolate_recompiles"),
-        pytest.param(False, id="code_copy"),
+        # The older releases' path: the full suite runs it, the fast lane the current one.
+        pytest.param(False, id="code_copy", marks=pytest.mark.slow),
     ]
 )
 def counter(request, monkeypatch):

@@ -197,7 +197,7 @@ def test_shipped_configs_load():
     from tests.conftest import REPO
 
     shipped = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("paper/*.yaml"))
-    assert len(shipped) == 10
+    assert len(shipped) == 11
     for path in shipped:
         cfg = load_config(["--config", str(path)])
         assert isinstance(cfg, TrainConfig) and cfg.run_name == path.stem
