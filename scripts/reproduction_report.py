@@ -14,6 +14,7 @@ the text between `<!-- report:NAME -->` and `<!-- /report:NAME -->` in --doc; th
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -303,51 +304,49 @@ def diagnostics_table(groups):
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(groups, path):
-    """The mean val loss of each configuration over the run, its seeds' range shaded."""
+@contextlib.contextmanager
+def figure(path, size):
+    """The axes of a one-panel figure of `size` inches, saved to `path` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, records in groups.items():
-        steps = [s for s, _ in records[0]["val"]]
-        values = [[val_at(r, s) for r in records] for s in steps]
-        ax.plot(steps, [statistics.mean(v) for v in values], marker="o", ms=3, label=label)
-        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val loss (nats per byte)")
-    ax.set_ylim(top=min(ax.get_ylim()[1], 2.6))
+    fig, ax = plt.subplots(figsize=size)
+    yield ax
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def plot_curves(groups, path):
+    """The mean val loss of each configuration over the run, its seeds' range shaded."""
+    with figure(path, (8, 5)) as ax:
+        for label, records in groups.items():
+            steps = [s for s, _ in records[0]["val"]]
+            values = [[val_at(r, s) for r in records] for s in steps]
+            ax.plot(steps, [statistics.mean(v) for v in values], marker="o", ms=3, label=label)
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
+        ax.set_xlabel("step")
+        ax.set_ylabel("val loss (nats per byte)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 2.6))
+        ax.legend(fontsize=6)
 
 
 def plot_effects(effects, path):
     """Each primary comparison's paired val difference at every quarter, with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for k, (label, per_quarter) in enumerate(effects.items()):
-        xs = [q + 0.06 * (k - (len(effects) - 1) / 2) for q in range(1, QUARTERS + 1)]
-        means = [d for d, _, _ in per_quarter]
-        errors = [[d - lo for d, lo, _ in per_quarter], [hi - d for d, _, hi in per_quarter]]
-        ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, label=label)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(1, QUARTERS + 1))
-    ax.set_xlabel("quarter of the run")
-    ax.set_ylabel("val loss difference, paired (positive: worse)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    with figure(path, (8, 4.5)) as ax:
+        for k, (label, per_quarter) in enumerate(effects.items()):
+            xs = [q + 0.06 * (k - (len(effects) - 1) / 2) for q in range(1, QUARTERS + 1)]
+            means = [d for d, _, _ in per_quarter]
+            errors = [[d - lo for d, lo, _ in per_quarter], [hi - d for d, _, hi in per_quarter]]
+            ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, label=label)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(1, QUARTERS + 1))
+        ax.set_xlabel("quarter of the run")
+        ax.set_ylabel("val loss difference, paired (positive: worse)")
+        ax.legend(fontsize=7)
 
 
 def replace_sections(doc, sections):
